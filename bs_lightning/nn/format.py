@@ -1,0 +1,246 @@
+"""Compact balanced format: values + uint8 in-bank indices (docs/ARCHITECTURE.md section 2).
+
+For a matrix `W [out, in]` with bank size `B <= 256` and keep-count `k`:
+
+- `values [out, n_banks * k]` (weight dtype) and `indices [out, n_banks * k]` (uint8), both
+  contiguous and row-major, `n_banks = ceil(in / B)`. Entry `j` of row `o` stands for column
+  `(j // k) * B + indices[o, j]` with weight `values[o, j]`. Inside a bank the entries are
+  sorted by column.
+- A bank that holds fewer than `k` nonzeros (the short last bank, or a kept weight that is
+  zero by chance) is padded to `k` entries with value exactly `0` and an in-range index,
+  possibly repeating a kept one; `unpack_balanced` sums duplicates, so padding is harmless.
+
+The short last bank keeps `bank_layout(in, B, k)[1]` weights (see `bs_lightning.sparsity`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bs_lightning.sparsity.masks import bank_layout
+
+__all__ = [
+    "MAX_BANK_SIZE",
+    "bank_counts",
+    "infer_keep_count",
+    "pack_balanced",
+    "unpack_balanced",
+]
+
+# in-bank indices are stored as uint8
+MAX_BANK_SIZE = 256
+
+
+def _where(name: str | None) -> str:
+    return f" of layer {name!r}" if name else ""
+
+
+def _check_matrix(matrix: torch.Tensor, bank_size: int, name: str | None) -> None:
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"matrix{_where(name)} must be 2-D [out, in], got shape {tuple(matrix.shape)}"
+        )
+    if (
+        isinstance(bank_size, bool)
+        or not isinstance(bank_size, int)
+        or not (1 <= bank_size <= MAX_BANK_SIZE)
+    ):
+        raise ValueError(
+            f"bank_size{_where(name)} must be an integer in [1, {MAX_BANK_SIZE}] "
+            f"(indices are uint8), got {bank_size!r}"
+        )
+    if bank_size > matrix.shape[1]:
+        raise ValueError(
+            f"bank_size={bank_size}{_where(name)} is longer than a row ({matrix.shape[1]} "
+            f"columns); use a bank_size in [1, {min(matrix.shape[1], MAX_BANK_SIZE)}]"
+        )
+
+
+def bank_counts(matrix: torch.Tensor, bank_size: int, name: str | None = None):
+    """Nonzeros per bank of every row.
+
+    Args:
+        matrix: `[out, in]` matrix view.
+        bank_size: columns per bank `B`, `1 <= B <= min(in, 256)`.
+        name: layer name used in error messages.
+
+    Returns:
+        `(full, last)`: `full [out, in // B]` int64 nonzero counts of the full banks;
+        `last [out]` counts of the short last bank, or None when `B` divides `in`.
+
+    Raises:
+        ValueError: when `matrix` is not 2-D or `bank_size` is not in [1, min(in, 256)].
+    """
+    _check_matrix(matrix, bank_size, name)
+    rows, length = matrix.shape
+    n_full = length // bank_size
+    nonzero = matrix != 0  # [out, in]
+    full = nonzero[:, : n_full * bank_size].reshape(rows, n_full, bank_size).sum(-1)
+    last = nonzero[:, n_full * bank_size :].sum(-1) if length % bank_size else None
+    return full, last
+
+
+def infer_keep_count(matrix: torch.Tensor, bank_size: int, name: str | None = None) -> int:
+    """Keep-count `k` of a balanced matrix, read from its zeros.
+
+    Rule: `k` is the largest nonzero count of a full bank. The matrix counts as balanced at
+    `bank_size` when more than half of its full banks hold exactly `k` nonzeros (the others
+    hold fewer: kept weights that are zero by chance) and the short last bank holds at most
+    its keep-count `bank_layout(in, B, k)[1]`. A dense matrix is balanced with `k == B`.
+
+    Args:
+        matrix: `[out, in]` matrix view.
+        bank_size: columns per bank `B`, `1 <= B <= min(in, 256)`.
+        name: layer name used in error messages.
+
+    Returns:
+        `k`, `1 <= k <= bank_size`.
+
+    Raises:
+        ValueError: when the matrix is not 2-D, `bank_size` is invalid, the matrix has no
+            full bank or no nonzero, or it is not balanced at `bank_size`.
+    """
+    full, last = bank_counts(matrix, bank_size, name)
+    if full.numel() == 0:
+        raise ValueError(
+            f"matrix{_where(name)} of shape {tuple(matrix.shape)} has no full bank of "
+            f"{bank_size} columns; its keep-count cannot be inferred"
+        )
+    k = int(full.max())
+    if k == 0:
+        raise ValueError(f"matrix{_where(name)} is all zeros; it has no balanced pattern")
+    at_k = int((full == k).sum())
+    if 2 * at_k <= full.numel():
+        raise ValueError(
+            f"matrix{_where(name)} is not balanced at bank_size={bank_size}: only {at_k} of "
+            f"{full.numel()} banks hold the largest count {k} of nonzeros"
+        )
+    if last is not None:
+        k_last = bank_layout(matrix.shape[1], bank_size, k, name)[1]
+        if int(last.max()) > k_last:
+            raise ValueError(
+                f"matrix{_where(name)} is not balanced at bank_size={bank_size}, k={k}: a "
+                f"short last bank holds {int(last.max())} nonzeros, more than its "
+                f"keep-count {k_last}"
+            )
+    return k
+
+
+def pack_balanced(
+    matrix: torch.Tensor, bank_size: int, k: int | None = None, name: str | None = None
+):
+    """Packs a balanced matrix into values + uint8 in-bank indices.
+
+    Args:
+        matrix: `[out, in]` matrix view, every full bank holding at most `k` nonzeros and
+            the short last bank at most `bank_layout(in, B, k)[1]`.
+        bank_size: columns per bank `B`, `1 <= B <= min(in, 256)`.
+        k: keep-count per full bank; None infers it with `infer_keep_count`.
+        name: layer name used in error messages.
+
+    Returns:
+        `(values, indices, k)`: `values [out, n_banks * k]` in `matrix.dtype`,
+        `indices [out, n_banks * k]` uint8, both contiguous; `k` as an int.
+
+    Raises:
+        ValueError: when the matrix is not 2-D, `bank_size` or `k` is invalid, or a bank
+            holds more nonzeros than its keep-count (the matrix is not balanced).
+    """
+    if k is None:
+        k = infer_keep_count(matrix, bank_size, name)
+    else:
+        full, last = bank_counts(matrix, bank_size, name)
+        k_last = bank_layout(matrix.shape[1], bank_size, k, name)[1]
+        if full.numel() and int(full.max()) > k:
+            raise ValueError(
+                f"matrix{_where(name)} is not balanced at bank_size={bank_size}, k={k}: a "
+                f"bank holds {int(full.max())} nonzeros"
+            )
+        if last is not None and int(last.max()) > k_last:
+            raise ValueError(
+                f"matrix{_where(name)} is not balanced at bank_size={bank_size}, k={k}: the "
+                f"short last bank holds {int(last.max())} nonzeros, more than {k_last}"
+            )
+    rows, length = matrix.shape
+    n_banks = -(-length // bank_size)
+    padded = matrix.new_zeros(rows, n_banks * bank_size)
+    padded[:, :length] = matrix
+    banks = padded.reshape(rows, n_banks, bank_size)  # [out, n_banks, B]
+
+    col = torch.arange(bank_size, device=matrix.device)
+    in_row = (torch.arange(n_banks, device=matrix.device)[:, None] * bank_size + col) < length
+    # Selection key: nonzeros first, then the in-row zeros (the padding of banks holding fewer
+    # than k nonzeros), lower columns first; columns past the row end come last.
+    key = (banks != 0).long() * (2 * bank_size) + (bank_size - col)
+    key = torch.where(in_row, key, torch.zeros_like(key))
+    chosen = torch.topk(key, k, dim=-1, sorted=False).indices  # [out, n_banks, k]
+    # A short bank with fewer than k columns can pick columns past the row end: point them
+    # at the bank's last real column (their value is the padding's exact 0).
+    last_col = (length - 1) % bank_size
+    chosen[:, -1].clamp_(max=last_col)
+    chosen = chosen.sort(dim=-1).values
+    values = banks.gather(-1, chosen)  # [out, n_banks, k]
+    # entries that duplicate a column carry the value once: zero the repeats
+    repeat = torch.zeros_like(chosen, dtype=torch.bool)
+    repeat[..., 1:] = chosen[..., 1:] == chosen[..., :-1]
+    values = values.masked_fill(repeat, 0)
+    return (
+        values.reshape(rows, n_banks * k).contiguous(),
+        chosen.to(torch.uint8).reshape(rows, n_banks * k).contiguous(),
+        k,
+    )
+
+
+def unpack_balanced(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bank_size: int,
+    in_features: int,
+    name: str | None = None,
+) -> torch.Tensor:
+    """Rebuilds the dense matrix from the compact format.
+
+    Args:
+        values: `[out, n_banks * k]` values.
+        indices: `[out, n_banks * k]` uint8 in-bank indices.
+        bank_size: columns per bank `B`, `1 <= B <= min(in_features, 256)`.
+        in_features: columns of the matrix.
+        name: layer name used in error messages.
+
+    Returns:
+        `[out, in_features]` matrix in `values.dtype` (duplicate entries are summed).
+
+    Raises:
+        ValueError: when the shapes, dtypes, `bank_size` or `in_features` do not fit together
+            or an index points past its bank or the row end.
+    """
+    if values.dim() != 2 or indices.shape != values.shape:
+        raise ValueError(
+            f"values and indices{_where(name)} must both be 2-D of the same shape, got "
+            f"{tuple(values.shape)} and {tuple(indices.shape)}"
+        )
+    if indices.dtype != torch.uint8:
+        raise ValueError(f"indices{_where(name)} must be torch.uint8, got {indices.dtype}")
+    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
+        raise ValueError(f"in_features{_where(name)} must be an integer >= 1, got {in_features!r}")
+    _check_matrix(values.new_empty(0, in_features), bank_size, name)
+    rows, width = values.shape
+    n_banks = -(-in_features // bank_size)
+    if width == 0 or width % n_banks:
+        raise ValueError(
+            f"values{_where(name)} has {width} columns, not a positive multiple of the "
+            f"{n_banks} banks of in_features={in_features}, bank_size={bank_size}"
+        )
+    k = width // n_banks
+    idx = indices.long()
+    if idx.numel() and int(idx.max()) >= bank_size:
+        raise ValueError(
+            f"indices{_where(name)} must be < bank_size={bank_size}, found {int(idx.max())}"
+        )
+    columns = (torch.arange(width, device=values.device) // k) * bank_size + idx  # [out, width]
+    if columns.numel() and int(columns.max()) >= in_features:
+        raise ValueError(
+            f"indices{_where(name)} point past the row end (in_features={in_features})"
+        )
+    matrix = values.new_zeros(rows, in_features)
+    return matrix.scatter_add_(1, columns, values)
