@@ -1,0 +1,261 @@
+"""The balanced sparse product as a custom op, with its pure-PyTorch reference.
+
+`balanced_linear(x, values, indices, bank_size, in_features, bias)` computes
+`F.linear(x, W, bias)` where `W [out, in_features]` is stored in the compact balanced format
+of `docs/ARCHITECTURE.md` section 2: entry `j` of row `o` is column
+`(j // k) * bank_size + indices[o, j]` with weight `values[o, j]`, `k` entries per bank.
+
+The compiled op `torch.ops.bs_lightning.balanced_linear` (schema in `csrc/ops.cpp`, CPU
+kernel in `csrc/cpu/`, CUDA kernels in `csrc/cuda/`) is built on first use by
+`bs_lightning._build`. When it cannot be built, `balanced_linear` runs the reference.
+
+Command line: `python -m bs_lightning.ops --info` prints the active backend, `--build`
+builds the kernels now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bs_lightning import _build
+
+__all__ = [
+    "backend",
+    "balanced_linear",
+    "balanced_linear_reference",
+    "check_inputs",
+    "load",
+]
+
+# Set to "1" to ignore the compiled op and always run the pure-PyTorch reference.
+FORCE_REFERENCE_ENV = "BS_LIGHTNING_FORCE_REFERENCE"
+MAX_BANK_SIZE = 256  # in-bank indices are uint8
+
+
+def check_inputs(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bank_size: int,
+    in_features: int,
+    bias: torch.Tensor | None,
+) -> int:
+    """Validate the op's arguments exactly as the C++ `TORCH_CHECK`s do.
+
+    Used by the reference and by the fake (meta) implementation, so every backend raises the
+    same errors. Index values are not inspected here (that needs the data); the reference
+    checks their range, the compiled kernels read them through a padded copy of `x`.
+
+    Args:
+        x: `[..., in_features]`, floating point.
+        values: `[out, n_banks * k]`, same dtype and device as `x`.
+        indices: `[out, n_banks * k]`, `torch.uint8`, same device as `x`.
+        bank_size: columns per bank, 1..256.
+        in_features: columns of the dense matrix, >= 1.
+        bias: `[out]` in `x.dtype`, or None.
+
+    Returns:
+        The keep-count `k` per bank.
+
+    Raises:
+        TypeError: wrong dtype of `x`, `values`, `indices` or `bias`.
+        ValueError: bad `bank_size`/`in_features`, shape mismatch, or devices differ.
+    """
+    if not x.is_floating_point():
+        raise TypeError(f"balanced_linear: x must be floating point, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(
+            f"balanced_linear: values.dtype ({values.dtype}) must equal x.dtype ({x.dtype})"
+        )
+    if indices.dtype != torch.uint8:
+        raise TypeError(f"balanced_linear: indices must be torch.uint8, got {indices.dtype}")
+    if not 1 <= bank_size <= MAX_BANK_SIZE:
+        raise ValueError(
+            f"balanced_linear: bank_size must be in 1..{MAX_BANK_SIZE} (uint8 in-bank "
+            f"indices), got {bank_size}"
+        )
+    if in_features < 1:
+        raise ValueError(f"balanced_linear: in_features must be >= 1, got {in_features}")
+    if x.dim() < 1 or x.size(-1) != in_features:
+        raise ValueError(
+            f"balanced_linear: x must have shape [..., in_features={in_features}], "
+            f"got {list(x.shape)}"
+        )
+    if values.dim() != 2:
+        raise ValueError(
+            f"balanced_linear: values must be 2-D [out, n_banks * k], got {list(values.shape)}"
+        )
+    if indices.shape != values.shape:
+        raise ValueError(
+            f"balanced_linear: indices shape {list(indices.shape)} must equal values shape "
+            f"{list(values.shape)}"
+        )
+    n_banks = math.ceil(in_features / bank_size)
+    if values.size(1) == 0 or values.size(1) % n_banks != 0:
+        raise ValueError(
+            f"balanced_linear: values.size(1) ({values.size(1)}) must be a positive multiple "
+            f"of n_banks = ceil(in_features / bank_size) = {n_banks}"
+        )
+    k = values.size(1) // n_banks
+    if k > bank_size:
+        raise ValueError(
+            f"balanced_linear: keep-count k = {k} per bank exceeds bank_size = {bank_size}"
+        )
+    if values.device != x.device or indices.device != x.device:
+        raise ValueError(
+            f"balanced_linear: x ({x.device}), values ({values.device}) and indices "
+            f"({indices.device}) must be on the same device"
+        )
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(
+                f"balanced_linear: bias.dtype ({bias.dtype}) must equal x.dtype ({x.dtype})"
+            )
+        if bias.dim() != 1 or bias.size(0) != values.size(0):
+            raise ValueError(
+                f"balanced_linear: bias must have shape [out={values.size(0)}], "
+                f"got {list(bias.shape)}"
+            )
+        if bias.device != x.device:
+            raise ValueError(
+                f"balanced_linear: bias ({bias.device}) must be on x's device ({x.device})"
+            )
+    return k
+
+
+def balanced_linear_reference(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bank_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pure-PyTorch balanced product: unpack to a dense `[out, in]` matrix, then `F.linear`.
+
+    Args:
+        x: `[..., in_features]`.
+        values: `[out, n_banks * k]` in `x.dtype`.
+        indices: `[out, n_banks * k]` uint8 in-bank column indices.
+        bank_size: columns per bank (1..256).
+        in_features: columns of the dense matrix.
+        bias: `[out]` or None.
+
+    Returns:
+        `[..., out]` in `x.dtype`.
+
+    Raises:
+        TypeError: as `check_inputs`.
+        ValueError: as `check_inputs`, or an index points past `in_features`.
+    """
+    k = check_inputs(x, values, indices, bank_size, in_features, bias)
+    out_features, width = values.shape
+    # Column of entry j: its bank's first column plus the in-bank index.  [out, width]
+    bank_start = torch.arange(width, device=x.device) // k * bank_size
+    columns = bank_start + indices.long()
+    if columns.numel() and int(columns.max()) >= in_features:
+        raise ValueError(
+            f"balanced_linear: an index points to column {int(columns.max())}, past "
+            f"in_features = {in_features} (indices must be < bank_size within each bank)"
+        )
+    # Duplicates (padding of a short last bank) carry value 0 and are summed, as in unpacking.
+    weight = values.new_zeros(out_features, in_features).scatter_add_(1, columns, values)
+    return F.linear(x, weight, bias)
+
+
+def load() -> bool:
+    """Load (building on first use) the compiled op. Returns True when it is available."""
+    return _build.load()
+
+
+def backend(device: torch.device | str = "cpu") -> str:
+    """Name the implementation `balanced_linear` uses on `device` after `load()`.
+
+    Returns:
+        `"compiled-cpu"`, `"compiled-cuda"` or `"reference"`.
+    """
+    device = torch.device(device)
+    if os.environ.get(FORCE_REFERENCE_ENV) == "1" or not _build.is_loaded():
+        return "reference"
+    if device.type == "cuda" and not _build.has_cuda_kernels():
+        return "reference"
+    return f"compiled-{device.type}"
+
+
+def balanced_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bank_size: int,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Balanced sparse `F.linear(x, W, bias)`; compiled op when available, else reference.
+
+    Builds the kernels on the first eager call (cached afterwards). Inside `torch.compile`
+    the choice made so far is kept (building is not traceable), so call once eagerly or
+    `load()` before compiling to get the compiled op in the graph.
+
+    Args:
+        x: `[..., in_features]`, any leading shape, may be non-contiguous.
+        values: `[out, n_banks * k]` in `x.dtype`.
+        indices: `[out, n_banks * k]` uint8.
+        bank_size: columns per bank (1..256).
+        in_features: columns of the dense matrix.
+        bias: `[out]` or None.
+
+    Returns:
+        `[..., out]` in `x.dtype`.
+
+    Raises:
+        TypeError: wrong dtype of an argument (see `check_inputs`).
+        ValueError: shapes, bank size or devices do not fit (see `check_inputs`).
+    """
+    if not torch.compiler.is_compiling():
+        _build.load()
+    if backend(x.device) == "reference":
+        return balanced_linear_reference(x, values, indices, bank_size, in_features, bias)
+    return torch.ops.bs_lightning.balanced_linear(x, values, indices, bank_size, in_features, bias)
+
+
+def _register_fake() -> None:
+    """Shape/dtype function for `torch.compile` and meta tensors (runs once the op exists)."""
+
+    @torch.library.register_fake("bs_lightning::balanced_linear")
+    def _(x, values, indices, bank_size, in_features, bias=None):
+        check_inputs(x, values, indices, bank_size, in_features, bias)
+        return x.new_empty(*x.shape[:-1], values.size(0))
+
+
+_build.on_load("register_fake", _register_fake)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bs_lightning.ops --info | --build`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bs_lightning.ops", description="Balanced sparse kernels: status, build."
+    )
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--info", action="store_true", help="print the active backend")
+    group.add_argument("--build", action="store_true", help="build the kernels now")
+    args = parser.parse_args(argv)
+    ok = load()
+    if args.build and not ok:
+        print(f"bs_lightning: build failed: {_build.last_error()}", file=sys.stderr)
+        return 1
+    for line in _build.describe():
+        print(line)
+    print(f"backend cpu: {backend('cpu')}")
+    if torch.cuda.is_available():
+        print(f"backend cuda: {backend('cuda')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
