@@ -142,7 +142,11 @@ def topk_mask_lastdim(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def balanced_mask_k(
-    weight: torch.Tensor, bank_size: int, k: int, name: str | None = None
+    weight: torch.Tensor,
+    bank_size: int,
+    k: int,
+    name: str | None = None,
+    prev_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Balanced mask keeping an explicit `k` weights per bank.
 
@@ -156,6 +160,8 @@ def balanced_mask_k(
         k: weights kept per full bank, `1 <= k <= B`; the short last bank keeps
             `bank_layout(L, B, k)[1]`.
         name: layer name used in error messages.
+        prev_mask: optional bool tensor of `weight`'s shape; entries False there are never
+            kept (they rank below every other entry), so on a schedule the mask only shrinks.
 
     Returns:
         Bool tensor of `weight`'s shape, True = kept.
@@ -171,6 +177,9 @@ def balanced_mask_k(
     length = matrix.shape[1]
     n_banks, k_last = bank_layout(length, bank_size, k, name)
     scores = matrix.abs().float()
+    if prev_mask is not None:
+        # |w| >= 0, so -1 ranks every previously pruned weight last
+        scores = scores.masked_fill(~prev_mask.reshape(rows, -1), -1.0)
     n_full = length // bank_size
     mask = torch.empty(matrix.shape, dtype=torch.bool, device=weight.device)
     full = n_full * bank_size

@@ -15,12 +15,24 @@ Biases, norms and embeddings are never prunable here.
 
 from __future__ import annotations
 
+import fnmatch
+import re
 import sys
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-__all__ = ["is_transposed", "matrix_to_param", "matrix_view"]
+__all__ = [
+    "PrunableParam",
+    "default_prunable_names",
+    "find_prunable",
+    "is_transposed",
+    "matrix_to_param",
+    "matrix_view",
+]
+
+_RNN_WEIGHT = re.compile(r"weight_(ih|hh|hr)_l\d+(_reverse)?")
 
 
 def _hf_conv1d_type():
@@ -95,3 +107,146 @@ def matrix_to_param(module: nn.Module, param_name: str, matrix: torch.Tensor) ->
     if is_transposed(module):
         return matrix.t().reshape(param.shape)
     return matrix.reshape(param.shape)
+
+
+def default_prunable_names(module: nn.Module) -> list[str]:
+    """Names of `module`'s own parameters that are prunable out of the box (see module doc)."""
+    own = [n for n, p in module._parameters.items() if p is not None]
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_transposed(module):
+        names = ["weight"]
+    elif isinstance(module, nn.RNNBase):
+        names = [n for n in own if _RNN_WEIGHT.fullmatch(n)]
+    elif isinstance(module, nn.MultiheadAttention):
+        names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+    else:
+        return []
+    # lazy (uninitialized) parameters have no shape yet and cannot be pruned
+    return [
+        n
+        for n in names
+        if n in own and not isinstance(module._parameters[n], nn.parameter.UninitializedParameter)
+    ]
+
+
+@dataclass(frozen=True)
+class PrunableParam:
+    """One parameter selected for pruning.
+
+    Attributes:
+        name: full name as in `model.named_parameters()`, e.g. `"lstm.weight_hh_l0"`.
+        module_name: name of the owning module, e.g. `"lstm"` (`""` for the root).
+        param_name: the parameter's name inside its module, e.g. `"weight_hh_l0"`.
+        module: the owning module.
+    """
+
+    name: str
+    module_name: str
+    param_name: str
+    module: nn.Module = field(compare=False, repr=False)
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The parameter itself."""
+        return self.module._parameters[self.param_name]
+
+    def matrix(self, tensor: torch.Tensor | None = None) -> torch.Tensor:
+        """`matrix_view` of the parameter (or of a same-shaped tensor), `[out, in]`."""
+        return matrix_view(self.module, self.param_name, tensor)
+
+
+def _matches(pattern: str, entry: PrunableParam) -> bool:
+    return fnmatch.fnmatchcase(entry.module_name, pattern) or fnmatch.fnmatchcase(
+        entry.name, pattern
+    )
+
+
+def _names_hint(entries: list[PrunableParam], limit: int = 12) -> str:
+    names = [e.name for e in entries]
+    more = f" ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return f"{names[:limit]}{more}"
+
+
+def find_prunable(
+    model: nn.Module,
+    include: list[str] | str | None = None,
+    exclude: list[str] | str | None = None,
+) -> list[PrunableParam]:
+    """Selects the parameters to prune, in `model.named_modules()` order.
+
+    Patterns are `fnmatch` globs (`*` also crosses dots) matched against the module name
+    (`"encoder.layers.0.linear1"`) or the full parameter name (`"lstm.weight_hh_l0"`).
+    Without `include`, every out-of-the-box prunable parameter is selected. A parameter of
+    another kind (an embedding, any >= 2-D weight) is selected only when asked: an include
+    pattern matches its full name and ends with its parameter name (e.g. `"embed.weight"`,
+    `"*.weight"`). Shared (tied) parameters count once, as their first name (a GPT-2 head tied
+    to the token embedding is an embedding: not pruned unless asked).
+
+    Args:
+        model: the model to search.
+        include: glob or list of globs selecting parameters; None = all prunable ones.
+        exclude: glob or list of globs removing parameters from the selection.
+
+    Returns:
+        The selected parameters.
+
+    Raises:
+        ValueError: when an include or exclude pattern matches no parameter (the message
+            lists valid names), or the selection is empty.
+    """
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    default: list[PrunableParam] = []
+    other: list[PrunableParam] = []
+    seen: set[int] = set()
+    order: dict[str, int] = {}  # full name -> position in named_modules order
+    for module_name, module in model.named_modules():
+        prunable = set(default_prunable_names(module))
+        for param_name, param in module._parameters.items():
+            if param is None or id(param) in seen:
+                continue
+            seen.add(id(param))
+            entry = PrunableParam(
+                f"{module_name}.{param_name}" if module_name else param_name,
+                module_name,
+                param_name,
+                module,
+            )
+            order[entry.name] = len(order)
+            if param_name in prunable:
+                default.append(entry)
+            elif param.dim() >= 2 and not isinstance(param, nn.parameter.UninitializedParameter):
+                other.append(entry)
+    if not default and not other:
+        raise ValueError(f"{type(model).__name__} has no parameter with >= 2 dimensions to prune")
+
+    selected = default
+    if include is not None:
+        selected = []
+        for pattern in include:
+            hits = [e for e in default if _matches(pattern, e)]
+            hits += [
+                e
+                for e in other
+                if fnmatch.fnmatchcase(e.name, pattern)
+                and pattern.rsplit(".", 1)[-1] == e.param_name
+            ]
+            if not hits:
+                raise ValueError(
+                    f"include pattern {pattern!r} matches no parameter of "
+                    f"{type(model).__name__}; prunable parameters: {_names_hint(default)}"
+                )
+            selected += [e for e in hits if e not in selected]
+        selected.sort(key=lambda e: order[e.name])
+    for pattern in exclude or []:
+        if not any(_matches(pattern, e) for e in selected):
+            raise ValueError(
+                f"exclude pattern {pattern!r} matches no selected parameter; selected "
+                f"parameters: {_names_hint(selected)}"
+            )
+        selected = [e for e in selected if not _matches(pattern, e)]
+    if not selected:
+        raise ValueError(
+            f"include={include!r} and exclude={exclude!r} leave no parameter of "
+            f"{type(model).__name__} to prune; prunable parameters: {_names_hint(default)}"
+        )
+    return selected
