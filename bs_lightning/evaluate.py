@@ -1,0 +1,165 @@
+"""Test-split evaluation after fit: dense baseline, pruned model, converted sparse model, and
+inference latency of dense vs converted on the run's device (one process, interleaved)."""
+
+import statistics
+import time
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from bs_lightning.sparsity import find_prunable
+
+
+def clone_model(model: pl.LightningModule) -> pl.LightningModule:
+    """A fresh copy of `model` built from its saved hyperparameters, with its weights and the
+    pruning callback's bank records (`module._bs_lightning_banks`, docs/ARCHITECTURE.md 5).
+
+    `copy.deepcopy` is not used: a module attached to a Trainer would copy the Trainer too.
+    """
+    clone = type(model)(**model.hparams)
+    clone.load_state_dict(model.state_dict())
+    for name, module in model.named_modules():
+        banks = getattr(module, "_bs_lightning_banks", None)
+        if banks is not None:
+            clone.get_submodule(name)._bs_lightning_banks = dict(banks)
+    return clone
+
+
+def test_metric(trainer: pl.Trainer, model: pl.LightningModule, datamodule) -> float:
+    """Run `trainer.test` and return the model's `test_metric` (e.g. `test/ppl`)."""
+    results = trainer.test(model, datamodule=datamodule, verbose=False)
+    return float(results[0][model.test_metric])
+
+
+def weight_sparsity(model: nn.Module, include=None, exclude=None) -> float:
+    """Fraction of exact zeros over the prunable weights that `include`/`exclude` select
+    (the same selection rule as the pruning callback)."""
+    params = [p.param for p in find_prunable(model, include, exclude)]
+    zeros = sum(int((p == 0).sum()) for p in params)
+    return zeros / sum(p.numel() for p in params)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def measure_latency(
+    models: dict[str, nn.Module],
+    x: torch.Tensor,
+    device: torch.device,
+    warmup: int = 5,
+    repeats: int = 30,
+) -> dict[str, float]:
+    """Median wall time of one forward pass of each model on the same input.
+
+    The models are timed in turns (dense, sparse, dense, ...) so that a change in the
+    machine's load during the measurement hits all of them alike.
+
+    Args:
+        models: name -> model; each is moved to `device` and put in eval mode.
+        x: the input batch, e.g. `[batch, t]` token ids or `[batch, c, h, w]` images.
+        device: where to run.
+        warmup: untimed passes per model first.
+        repeats: timed passes per model.
+
+    Returns:
+        name -> median milliseconds per forward pass.
+    """
+    x = x.to(device)
+    for model in models.values():
+        model.to(device).eval()
+    for _ in range(warmup):
+        for model in models.values():
+            model(x)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            _sync(device)
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def evaluate_run(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule,
+    *,
+    pattern: str,
+    sparsity,
+    include=None,
+    exclude=None,
+    dense_model: pl.LightningModule | None = None,
+    convert: bool = True,
+    latency_batch_size: int = 1,
+    latency_warmup: int = 5,
+    latency_repeats: int = 30,
+) -> dict:
+    """Evaluate a trained (pruned or dense) model on the test split.
+
+    Args:
+        trainer: a Trainer for testing (no pruning callback).
+        model: the model after fit.
+        datamodule: its data; the first test batch (first `latency_batch_size` rows) feeds
+            the latency measurement.
+        pattern: pruning pattern of the run ("balanced" converts to sparse modules).
+        sparsity: target sparsity of the run (0 = dense run; a mapping for per-layer targets).
+        include, exclude: the pruning selection, for the effective sparsity.
+        dense_model: the dense starting point, tested as the dense baseline when given.
+        convert: convert a balanced model and test the converted one.
+        latency_batch_size, latency_warmup, latency_repeats: see `measure_latency`.
+
+    Returns:
+        A JSON-able dict: `metric_name`, `higher_is_better`, `dense` (baseline metric or
+        None), `pruned` (metric), `effective_sparsity`, `converted` (metric or None),
+        `conversion` (what happened), `latency` (device, batch size, dense_ms, converted_ms,
+        speedup).
+    """
+    is_dense_run = not isinstance(sparsity, dict) and float(sparsity) == 0.0
+    pruned_metric = test_metric(trainer, model, datamodule)
+    if dense_model is not None:
+        dense_metric = test_metric(trainer, dense_model, datamodule)
+    else:
+        dense_metric = pruned_metric if is_dense_run else None
+
+    converted = None
+    if is_dense_run:
+        conversion = "dense run: nothing to convert"
+    elif not convert:
+        conversion = "conversion disabled (evaluate.convert=false)"
+    elif pattern != "balanced":
+        conversion = f"pattern {pattern!r} is not balanced: only balanced models convert"
+    else:
+        from bs_lightning.convert import convert_to_sparse
+
+        converted = convert_to_sparse(clone_model(model), strict=True)
+        conversion = "converted (strict) to balanced sparse modules"
+    converted_metric = (
+        test_metric(trainer, converted, datamodule) if converted is not None else None
+    )
+
+    x = next(iter(datamodule.test_dataloader()))[0][:latency_batch_size]
+    timed = {"dense": model} if converted is None else {"dense": model, "converted": converted}
+    ms = measure_latency(timed, x, trainer.strategy.root_device, latency_warmup, latency_repeats)
+    latency = {
+        "device": str(trainer.strategy.root_device),
+        "input_shape": list(x.shape),
+        "dense_ms": ms["dense"],
+        "converted_ms": ms.get("converted"),
+        "speedup": ms["dense"] / ms["converted"] if "converted" in ms else None,
+    }
+    return {
+        "metric_name": model.test_metric,
+        "higher_is_better": model.higher_is_better,
+        "dense": dense_metric,
+        "pruned": pruned_metric,
+        "effective_sparsity": weight_sparsity(model, include, exclude),
+        "converted": converted_metric,
+        "conversion": conversion,
+        "latency": latency,
+    }
