@@ -1,0 +1,5 @@
+"""Lightning callbacks of bs_lightning."""
+
+from bs_lightning.callbacks.balanced_pruning import BalancedPruningCallback
+
+__all__ = ["BalancedPruningCallback"]

@@ -1,0 +1,515 @@
+"""`BalancedPruningCallback`: gradual balanced (or other pattern) pruning inside `Trainer.fit`.
+
+Only orchestration lives here; the math is in `bs_lightning.sparsity`. Per optimizer step:
+
+1. `on_train_batch_start` at `trainer.global_step = t`: if `t` is a pruning step and some
+   layer's keep-count goes down, new masks are computed on the weights' matrix views (only
+   ever shrinking), multiplied into the weights in place and into the optimizer state
+   (Adam moments, SGD momentum), broadcast from rank 0 under DDP, and logged.
+2. `on_before_optimizer_step` (after backward and AMP unscaling): pruned gradients are zeroed.
+3. A step post-hook on every optimizer re-applies the masks right after `optimizer.step()`.
+
+Weights stay plain `Parameter`s with exact zeros (no reparametrisation), so checkpoints load
+into the plain model and cuDNN's flattened RNN weights stay valid.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from bs_lightning.sparsity import (
+    PatternSpec,
+    PrunableParam,
+    check_schedule,
+    check_sparsity,
+    find_prunable,
+    is_pruning_step,
+    keep_count,
+    matrix_to_param,
+    sparsity_at,
+)
+
+__all__ = ["BalancedPruningCallback"]
+
+# strategies that shard or flatten parameters, so per-parameter masks cannot be applied
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+_DEFAULT_SPARSITY = 0.9
+_STATE_VERSION = 1
+
+
+@dataclass
+class _Layer:
+    """Pruning state of one parameter."""
+
+    entry: PrunableParam
+    final: float  # target sparsity
+    units: int  # keep-count with nothing pruned
+    keep_final: int  # keep-count at the target
+    keep: int  # current keep-count (never goes up)
+    mask: Tensor | None = None  # bool, parameter's shape, True = kept; None = dense
+    mask_mul: Tensor | None = None  # mask in the parameter's dtype for the per-step multiply
+    effective: float = 0.0  # fraction of zeros the mask imposes
+
+
+def _glob_list(value: Any, arg: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValueError(f"{arg} must be None, a glob string or a list of glob strings, got {value!r}")
+
+
+class BalancedPruningCallback(Callback):
+    """Prunes a model's weight matrices to a balanced-sparse pattern on a gradual schedule.
+
+    Steps are optimizer steps (`trainer.global_step`). From `start_step` the sparsity
+    follows `schedule` and reaches the target at `end_step`; masks are recomputed every
+    `frequency` steps (and once at the first step `>= end_step`), and each layer's keep-count
+    `k_t = round(bank_size * (1 - s_t))` never goes up. Pruned weights are exact zeros after
+    every optimizer step, also with Adam/AdamW and mixed precision.
+
+    Layers pruned by default: `nn.Linear`, `nn.Conv1d/2d/3d` (rows = output channels),
+    `nn.LSTM/GRU/RNN` `weight_ih_l*`/`weight_hh_l*` (all layers and directions),
+    `nn.MultiheadAttention.in_proj_weight` (its `out_proj` is a Linear), Hugging Face GPT-2
+    `Conv1D` (banks along the input dimension). Biases, norms and embeddings only when an
+    `include` pattern names them (e.g. `"embed.weight"`). See `bs_lightning.sparsity`.
+
+    Rows whose length is not a multiple of `bank_size` end in a short bank that keeps
+    `min(r, max(1, round(k * r / bank_size)))` of its `r` columns.
+
+    Args:
+        sparsity: target sparsity in [0, 1), or a mapping from glob (module or parameter
+            name) to target; with a mapping, the first matching key sets a parameter's target
+            and parameters matching no key stay dense. None means 0.9 (for "nm": `1 - n/m`).
+        bank_size: columns per bank ("balanced"); must not exceed any selected row.
+        pattern: "balanced", "nm" (N:M with `n`, `m`), "unstructured" (per layer),
+            "block" (`block_size x block_size` tiles by L2 norm) or "vector" (runs of
+            `vector_size` columns by L2 norm).
+        schedule: "cubic" (Zhu & Gupta 2017), "linear", "constant" or "one_shot" (prune to the
+            target at `start_step`).
+        start_step: first pruning step.
+        end_step: step at which the target is reached; None means
+            `round(DEFAULT_END_FRACTION * trainer.estimated_stepping_batches)` (0.75: the last
+            quarter of training fine-tunes the final masks).
+        frequency: optimizer steps between mask updates.
+        include: glob or globs selecting parameters (module or parameter names); None = all
+            prunable ones.
+        exclude: glob or globs removing parameters from the selection.
+        n: weights kept per group of `m` for pattern "nm".
+        m: group length for pattern "nm".
+        block_size: tile side for pattern "block".
+        vector_size: run length for pattern "vector".
+        initial_sparsity: schedule's sparsity at `start_step` (Zhu & Gupta's `s_i`).
+        verbose: print the rank-zero summary table at the end of fit.
+
+    Raises:
+        ValueError: at construction for a sparsity outside [0, 1), a bank size < 1, a
+            sparsity that keeps 0 weights per bank, an unknown pattern or schedule, bad steps
+            or globs; at setup for a glob matching no parameter, a bank longer than a row or
+            an N:M group not dividing a row (all before any weight changes).
+        RuntimeError: at setup under FSDP, DeepSpeed or model-parallel strategies.
+    """
+
+    DEFAULT_END_FRACTION = 0.75
+
+    def __init__(
+        self,
+        sparsity: float | Mapping[str, float] | None = None,
+        bank_size: int = 32,
+        pattern: str = "balanced",
+        schedule: str = "cubic",
+        start_step: int = 0,
+        end_step: int | None = None,
+        frequency: int = 100,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        *,
+        n: int = 2,
+        m: int = 4,
+        block_size: int = 4,
+        vector_size: int = 4,
+        initial_sparsity: float = 0.0,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        self.spec = PatternSpec(pattern, bank_size, n, m, block_size, vector_size)
+        check_schedule(schedule, start_step, end_step, frequency)
+        self.targets = self._check_targets(sparsity)
+        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
+        low = min(self.targets.values())
+        if self.initial_sparsity > low:
+            raise ValueError(
+                f"initial_sparsity={initial_sparsity} must not exceed the target sparsity {low}"
+            )
+        self.schedule = schedule
+        self.start_step = start_step
+        self.end_step = end_step
+        self.frequency = frequency
+        self.include = _glob_list(include, "include")
+        self.exclude = _glob_list(exclude, "exclude")
+        self.verbose = verbose
+        self.layers: dict[str, _Layer] = {}
+        self.last_pruned_step: int | None = None
+        self._resolved_end: int | None = None
+        self._loaded: dict[str, Any] | None = None
+        self._hooks: list[Any] = []
+
+    # ---------------------------------------------------------------- validation
+
+    def _check_targets(self, sparsity: Any) -> dict[str, float]:
+        """Glob -> target sparsity (`"*"` for a single float); validated keep-counts."""
+        fixed = self.spec.fixed_sparsity
+        if fixed is not None:  # N:M fixes the target
+            if sparsity is not None and (
+                isinstance(sparsity, Mapping) or check_sparsity(sparsity) != fixed
+            ):
+                raise ValueError(
+                    f"pattern 'nm' with n={self.spec.n}, m={self.spec.m} fixes sparsity to "
+                    f"{fixed}; pass sparsity=None or {fixed}, got {sparsity!r}"
+                )
+            return {"*": fixed}
+        if sparsity is None:
+            sparsity = _DEFAULT_SPARSITY
+        if isinstance(sparsity, Mapping):
+            if not sparsity:
+                raise ValueError("sparsity mapping must name at least one glob pattern")
+            targets = {}
+            for key, value in sparsity.items():
+                if not isinstance(key, str):
+                    raise ValueError(f"sparsity mapping keys must be glob strings, got {key!r}")
+                targets[key] = check_sparsity(value, key)
+        else:
+            targets = {"*": check_sparsity(sparsity)}
+        if self.spec.pattern == "balanced":
+            for key, value in targets.items():
+                keep_count(self.spec.bank_size, value, None if key == "*" else key)
+        return targets
+
+    def _target_for(self, entry: PrunableParam) -> float | None:
+        for key, value in self.targets.items():
+            if fnmatch.fnmatchcase(entry.module_name, key) or fnmatch.fnmatchcase(entry.name, key):
+                return value
+        return None
+
+    @staticmethod
+    def _check_strategy(trainer: Trainer) -> None:
+        names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
+        bad = names.intersection(_UNSUPPORTED_STRATEGIES)
+        if bad:
+            raise RuntimeError(
+                f"BalancedPruningCallback does not support {type(trainer.strategy).__name__}: "
+                f"it shards or flattens parameters, so per-parameter masks cannot be applied in "
+                f"place. Use a single device, 'ddp' or 'ddp_spawn'."
+            )
+
+    # ---------------------------------------------------------------- hooks
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Selects and validates the parameters to prune (no weight changes here)."""
+        if stage != "fit":
+            return
+        self._check_strategy(trainer)
+        entries = find_prunable(pl_module, self.include, self.exclude)
+        unmatched = [
+            key
+            for key in self.targets
+            if key != "*"
+            and not any(
+                fnmatch.fnmatchcase(e.module_name, key) or fnmatch.fnmatchcase(e.name, key)
+                for e in entries
+            )
+        ]
+        if unmatched:
+            raise ValueError(
+                f"sparsity keys {unmatched} match no selected parameter; selected: "
+                f"{[e.name for e in entries][:12]}"
+            )
+        layers = {}
+        for entry in entries:
+            final = self._target_for(entry)
+            if final is None:
+                continue
+            matrix = entry.matrix()
+            units = self.spec.units(matrix)
+            keep_final = self.spec.keep(matrix, final, entry.name)
+            old = self.layers.get(entry.name)
+            if old is not None and old.entry.param.shape == entry.param.shape:
+                # a second fit with the same callback continues from the current masks
+                old.entry = entry
+                layers[entry.name] = old
+            else:
+                layers[entry.name] = _Layer(entry, final, units, keep_final, units)
+        self.layers = layers
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Resolves `end_step`, restores masks after a resume, hooks the optimizers."""
+        if self._loaded is not None:
+            self._restore(self._loaded)
+            self._loaded = None
+        self._resolved_end = self._resolve_end(trainer)
+        for layer in self.layers.values():
+            if layer.mask is not None:
+                self._install_mask(layer, layer.mask)
+        self._zero_optimizer_state(trainer)
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            mine = [layer for layer in self.layers.values() if id(layer.entry.param) in params]
+            self._hooks.append(
+                optimizer.register_step_post_hook(
+                    lambda *_args, _mine=mine: self._apply_masks(_mine, grads=False)
+                )
+            )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # gradient accumulation calls this several times per optimizer step
+        if step == self.last_pruned_step:
+            return
+        if not is_pruning_step(step, self.start_step, self._resolved_end, self.frequency):
+            return
+        self.last_pruned_step = step
+        changed = self._prune(step, trainer)
+        if changed:
+            self._log(trainer, step)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        self._apply_masks(self.layers.values(), grads=True)
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+        self._apply_masks(self.layers.values(), grads=False)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.verbose and self.layers:
+            rank_zero_info(self.summary_table())
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    # ---------------------------------------------------------------- state
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Masks, keep-counts and schedule position, for an exact resume."""
+        return {
+            "version": _STATE_VERSION,
+            "pattern": self.spec.pattern,
+            "bank_size": self.spec.bank_size,
+            "end_step": self._resolved_end,
+            "last_pruned_step": self.last_pruned_step,
+            "layers": {
+                name: {
+                    "shape": tuple(layer.entry.param.shape),
+                    "keep": layer.keep,
+                    "mask": None if layer.mask is None else layer.mask.detach().cpu(),
+                }
+                for name, layer in self.layers.items()
+            },
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keeps the state until `on_train_start`, when parameters and devices are known."""
+        for key, mine in (("pattern", self.spec.pattern), ("bank_size", self.spec.bank_size)):
+            if state_dict.get(key, mine) != mine:
+                raise ValueError(
+                    f"checkpoint was pruned with {key}={state_dict[key]!r} but this callback "
+                    f"has {key}={mine!r}; resume with the same {key}"
+                )
+        self._loaded = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        saved = state.get("layers", {})
+        if set(saved) != set(self.layers):
+            raise ValueError(
+                f"checkpoint prunes {sorted(saved)} but this callback selects "
+                f"{sorted(self.layers)}; resume with the same include/exclude/sparsity"
+            )
+        for name, layer in self.layers.items():
+            item = saved[name]
+            if tuple(item["shape"]) != tuple(layer.entry.param.shape):
+                raise ValueError(
+                    f"checkpoint mask for {name!r} has shape {tuple(item['shape'])}, the "
+                    f"parameter has {tuple(layer.entry.param.shape)}"
+                )
+            layer.keep = item["keep"]
+            if item["mask"] is not None:
+                layer.mask = item["mask"].to(layer.entry.param.device)
+        self.last_pruned_step = state.get("last_pruned_step")
+        if state.get("end_step") is not None:
+            self._resolved_end = state["end_step"]
+
+    # ---------------------------------------------------------------- pruning
+
+    def _resolve_end(self, trainer: Trainer) -> int:
+        if self._resolved_end is not None:
+            return self._resolved_end
+        if self.end_step is not None:
+            end = self.end_step
+        else:
+            total = trainer.estimated_stepping_batches
+            if total == float("inf"):
+                raise ValueError(
+                    "end_step=None needs a finite trainer.estimated_stepping_batches (set "
+                    "max_steps or max_epochs with a sized dataloader), or pass end_step"
+                )
+            end = round(self.DEFAULT_END_FRACTION * total)
+            if end <= self.start_step:
+                raise ValueError(
+                    f"end_step=None resolves to round({self.DEFAULT_END_FRACTION} * {total}) = "
+                    f"{end}, not after start_step={self.start_step}; pass end_step explicitly"
+                )
+        total = trainer.estimated_stepping_batches
+        if total != float("inf") and end > total:
+            rank_zero_warn(
+                f"BalancedPruningCallback: end_step={end} is after the last training step "
+                f"({total}); the target sparsity will not be reached"
+            )
+        return end
+
+    def _prune(self, step: int, trainer: Trainer) -> bool:
+        """Lowers keep-counts to the schedule at `step`; True when any mask changed."""
+        changed = False
+        for layer in self.layers.values():
+            s_t = sparsity_at(
+                self.schedule,
+                step,
+                self.start_step,
+                self._resolved_end,
+                layer.final,
+                self.initial_sparsity,
+            )
+            matrix = layer.entry.matrix()
+            keep = layer.units if s_t == 0.0 else self.spec.keep(matrix, s_t, layer.entry.name)
+            keep = max(layer.keep_final, min(layer.keep, keep))
+            if keep == layer.keep:
+                continue
+            prev = None if layer.mask is None else layer.entry.matrix(layer.mask)
+            new = matrix_to_param(
+                layer.entry.module, layer.entry.param_name, self.spec.mask(matrix, keep, prev)
+            )
+            layer.keep = keep
+            self._install_mask(layer, self._broadcast(new))
+            changed = True
+        if changed:
+            self._apply_masks(self.layers.values(), grads=False)
+            self._zero_optimizer_state(trainer)
+        return changed
+
+    @staticmethod
+    def _broadcast(mask: Tensor) -> Tensor:
+        """Rank 0's mask on every rank, so all ranks prune identically."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return mask
+        as_bytes = mask.to(torch.uint8)
+        dist.broadcast(as_bytes, src=0)
+        return as_bytes.bool()
+
+    def _install_mask(self, layer: _Layer, mask: Tensor) -> None:
+        param = layer.entry.param
+        layer.mask = mask.to(param.device)
+        # multiplying by a mask of the parameter's own dtype is the fastest in-place update
+        layer.mask_mul = layer.mask.to(param.dtype)
+        layer.effective = 1.0 - float(layer.mask.sum()) / layer.mask.numel()
+        if self.spec.pattern in ("balanced", "nm"):
+            bank = self.spec.bank_size if self.spec.pattern == "balanced" else self.spec.m
+            banks = layer.entry.module.__dict__.setdefault("_bs_lightning_banks", {})
+            banks[layer.entry.param_name] = (bank, layer.keep)
+
+    @staticmethod
+    @torch.no_grad()
+    def _apply_masks(layers, grads: bool) -> None:
+        """Multiplies masks into the parameters (or their gradients), grouped per dtype."""
+        groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+        for layer in layers:
+            if layer.mask_mul is None:
+                continue
+            param = layer.entry.param
+            target = param.grad if grads else param
+            if target is None:
+                continue
+            mask = layer.mask_mul
+            if target.dtype != mask.dtype:  # e.g. fp32 gradients of a bf16 parameter
+                mask = mask.to(target.dtype)
+            group = groups.setdefault((target.device, target.dtype), ([], []))
+            group[0].append(target)
+            group[1].append(mask)
+        for targets, masks in groups.values():
+            torch._foreach_mul_(targets, masks)
+
+    @torch.no_grad()
+    def _zero_optimizer_state(self, trainer: Trainer) -> None:
+        """Zeroes optimizer state (momentum, Adam moments) at pruned positions."""
+        for optimizer in trainer.optimizers:
+            for layer in self.layers.values():
+                state = optimizer.state.get(layer.entry.param)
+                if layer.mask is None or not state:
+                    continue
+                for value in state.values():
+                    if isinstance(value, Tensor) and value.shape == layer.mask.shape:
+                        value.mul_(layer.mask.to(value.dtype))
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    # ---------------------------------------------------------------- reporting
+
+    def sparsity_report(self) -> dict[str, float]:
+        """Effective sparsity per parameter (`"sparsity/<name>"`) and `"sparsity/overall"`."""
+        report = {f"sparsity/{name}": layer.effective for name, layer in self.layers.items()}
+        total = sum(layer.entry.param.numel() for layer in self.layers.values())
+        pruned = sum(layer.effective * layer.entry.param.numel() for layer in self.layers.values())
+        report["sparsity/overall"] = pruned / total if total else 0.0
+        return report
+
+    def _log(self, trainer: Trainer, step: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = self.sparsity_report()
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+    def summary_table(self) -> str:
+        """Markdown table: parameter, shape, pattern, keep-count, target and effective sparsity."""
+        unit = {"balanced": f"k of {self.spec.bank_size}", "nm": f"n of {self.spec.m}"}.get(
+            self.spec.pattern, "units kept"
+        )
+        lines = [
+            f"| parameter | shape | pattern | {unit} | target | effective |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, layer in self.layers.items():
+            shape = "x".join(str(d) for d in layer.entry.param.shape)
+            lines.append(
+                f"| {name} | {shape} | {self.spec.pattern} | {layer.keep} | "
+                f"{layer.final:.4f} | {layer.effective:.4f} |"
+            )
+        overall = self.sparsity_report()["sparsity/overall"]
+        lines.append(f"| overall | | | | | {overall:.4f} |")
+        return "BalancedPruningCallback summary\n" + "\n".join(lines)
