@@ -1,0 +1,276 @@
+// CUDA implementation of bs_lightning::balanced_linear (schema in csrc/ops.cpp).
+//
+// Dispatch by the number of input rows N (all leading dimensions of x flattened):
+// - N < dense_min_batch: the gather kernel (gather_kernel.cuh), SpMV for N = 1 and SpMM
+//   for small N (x staged transposed, up to 8 batch columns per block, more via grid.y).
+// - N >= dense_min_batch (or x too long to stage in shared memory, or float64): unpack the
+//   compact weight to a dense matrix (unpack_kernel.cuh) and call cuBLAS through at::linear.
+//
+// Crossover rule. The gather kernel does N * nnz multiply-adds on the CUDA cores at roughly
+// kGatherMacPerByte multiply-adds per byte of DRAM bandwidth (ptxas/issue estimate: 8 FMA +
+// 8 conversions + one 16-byte shared gather per entry and 8 batch columns, about 2-3 MAC per
+// DRAM byte on an H100/H200); the dense path moves the unpacked weight twice (write + read,
+// 2 * elem_bytes per weight) and then runs on tensor cores. Equal cost at
+//   N * density * kGatherMacPerByte^-1 = 2 * elem_bytes  ->  N* = 2 * elem_bytes * 2 / density
+// with kGatherMacPerByte = 2: N* = 85 for fp16 at 90.6% sparsity, 16 at 50%. The benchmark
+// (`bs_lightning.bench kernels --device cuda`) measures the real crossover per shape; set
+// BS_LIGHTNING_CUDA_DENSE_MIN_BATCH=<N> to override the rule (1 = always dense).
+//
+// Everything runs on torch's current stream, allocates through torch's caching allocator and
+// never synchronises the host, so the op can be captured in a CUDA graph.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "balanced_linear.h"
+#include "gather_kernel.cuh"
+#include "unpack_kernel.cuh"
+
+namespace bs_lightning::cuda {
+namespace {
+
+constexpr double kGatherMacPerByte = 2.0;
+constexpr const char* kDenseMinBatchEnv = "BS_LIGHTNING_CUDA_DENSE_MIN_BATCH";
+
+using GatherKernel = void (*)(GatherParams);
+
+template <typename T>
+GatherKernel pick_gather_kernel(bool vec, int nb) {
+  constexpr int kV = 16 / static_cast<int>(sizeof(T));
+  switch (nb) {
+    case 1:
+      return vec ? balanced_gather_kernel<T, kV, 1> : balanced_gather_kernel<T, 1, 1>;
+    case 2:
+      return vec ? balanced_gather_kernel<T, kV, 2> : balanced_gather_kernel<T, 1, 2>;
+    case 4:
+      return vec ? balanced_gather_kernel<T, kV, 4> : balanced_gather_kernel<T, 1, 4>;
+    default:
+      return vec ? balanced_gather_kernel<T, kV, 8> : balanced_gather_kernel<T, 1, 8>;
+  }
+}
+
+// Resident blocks per multiprocessor of `kernel` with `smem` dynamic shared bytes. The first
+// use on a device also raises the kernel's dynamic shared memory limit to the device's
+// opt-in maximum. Cached: neither call is repeated inside CUDA-graph captures of later calls.
+int blocks_per_sm(GatherKernel kernel, int device, size_t smem, size_t smem_optin) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, GatherKernel, size_t>, int> cache;
+  static std::map<std::pair<int, GatherKernel>, bool> raised;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find({device, kernel, smem});
+  if (it != cache.end()) return it->second;
+  if (!raised[{device, kernel}]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem_optin)));
+    raised[{device, kernel}] = true;
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &blocks, reinterpret_cast<const void*>(kernel), kGatherThreads, smem));
+  TORCH_CHECK(blocks >= 1, "balanced_linear (CUDA): gather kernel cannot run with ", smem,
+              " bytes of shared memory");
+  cache[{device, kernel, smem}] = blocks;
+  return blocks;
+}
+
+int next_pow2(int v) {
+  int p = 1;
+  while (p < v) p <<= 1;
+  return p;
+}
+
+int log2_int(int v) {
+  int l = 0;
+  while ((1 << l) < v) ++l;
+  return l;
+}
+
+bool aligned(const void* ptr, size_t bytes) {
+  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
+}
+
+// Smallest N that takes the dense path (see the crossover rule above).
+int64_t dense_min_batch(int64_t k, int64_t bank_size, size_t elem_bytes) {
+  if (const char* env = std::getenv(kDenseMinBatchEnv)) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, kDenseMinBatchEnv,
+                      " must be an integer >= 1, got '", env, "'");
+    return v;
+  }
+  const double density = static_cast<double>(k) / static_cast<double>(bank_size);
+  const double n = 2.0 * static_cast<double>(elem_bytes) * kGatherMacPerByte / density;
+  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(n)), 2, 4096);
+}
+
+template <typename T>
+void launch_gather(const at::Tensor& x2d, const at::Tensor& values, const at::Tensor& indices,
+                   const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t k,
+                   int64_t bank_size, int nb, size_t smem, int xs_cols) {
+  constexpr int kV = 16 / static_cast<int>(sizeof(T));
+  const int64_t n_batch = x2d.size(0);
+  const int64_t in = x2d.size(1);
+  const int64_t out = values.size(0);
+  const int64_t row_len = values.size(1);
+
+  const bool vec = aligned(values.data_ptr(), 16) && aligned(indices.data_ptr(), kV);
+  const int vec_len = vec ? kV : 1;
+  // Aligned chunks per row (at most; rows with a misaligned start have one fewer).
+  const int chunks = static_cast<int>(row_len / vec_len);
+  const int group = std::min(32, next_pow2(std::max(1, static_cast<int>(
+                                                          (chunks + kGatherUnroll - 1) /
+                                                          kGatherUnroll))));
+  const int passes = (chunks + group * kGatherUnroll - 1) / (group * kGatherUnroll);
+
+  GatherParams p;
+  p.x = x2d.data_ptr();
+  p.values = values.data_ptr();
+  p.indices = indices.data_ptr<uint8_t>();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.n_batch = static_cast<int>(n_batch);
+  p.in_features = static_cast<int>(in);
+  p.out_features = static_cast<int>(out);
+  p.row_len = static_cast<int>(row_len);
+  p.k = static_cast<int>(k);
+  p.bank_size = static_cast<int>(bank_size);
+  p.k_magic = div_magic(static_cast<uint32_t>(k));
+  p.xs_cols = xs_cols;
+  p.log2_group = log2_int(group);
+  p.passes = passes;
+  p.x_vec_ok = aligned(p.x, 16) && in % kV == 0;
+
+  const GatherKernel kernel = pick_gather_kernel<T>(vec, nb);
+  const auto* props = at::cuda::getCurrentDeviceProperties();
+  const int device = x2d.get_device();
+  const int resident = blocks_per_sm(kernel, device, smem, props->sharedMemPerBlockOptin) *
+                       props->multiProcessorCount;
+  const int64_t batch_chunks = (n_batch + nb - 1) / nb;
+  TORCH_CHECK(batch_chunks <= 65535, "balanced_linear (CUDA): batch ", n_batch,
+              " too large for the gather kernel");
+  const int64_t rows_per_block = (kGatherThreads / 32) * (32 / group);
+  const int64_t blocks_needed = (out + rows_per_block - 1) / rows_per_block;
+  // Persistent grid: about as many blocks as are resident at once, split over batch chunks.
+  const int64_t grid_x =
+      std::max<int64_t>(1, std::min<int64_t>(blocks_needed, (resident + batch_chunks - 1) /
+                                                                 batch_chunks));
+  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(batch_chunks));
+  kernel<<<grid, kGatherThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+at::Tensor unpack_dense(const at::Tensor& values, const at::Tensor& indices, int64_t k,
+                        int64_t bank_size, int64_t in_features) {
+  const int64_t out = values.size(0);
+  const int64_t n_banks = ceil_div(in_features, bank_size);
+  at::Tensor dense = at::empty({out, in_features}, values.options());
+  UnpackParams p;
+  p.values = values.data_ptr();
+  p.indices = indices.data_ptr<uint8_t>();
+  p.dense = dense.data_ptr();
+  p.out_features = static_cast<int>(out);
+  p.in_features = static_cast<int>(in_features);
+  p.row_len = static_cast<int>(values.size(1));
+  p.k = static_cast<int>(k);
+  p.bank_size = static_cast<int>(bank_size);
+  p.k_magic = div_magic(static_cast<uint32_t>(k));
+  p.tile_banks = static_cast<int>(std::max<int64_t>(1, kUnpackTileCols / bank_size));
+  p.n_tiles = static_cast<int>(ceil_div(n_banks, p.tile_banks));
+  const int64_t blocks = out * p.n_tiles;
+  TORCH_CHECK(blocks <= INT32_MAX, "balanced_linear (CUDA): weight too large to unpack");
+  const size_t smem = sizeof(float) * unpack_smem_floats(p.tile_banks, p.bank_size);
+  balanced_unpack_kernel<T><<<static_cast<unsigned>(blocks), kUnpackThreads, smem,
+                              at::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dense;
+}
+
+template <typename T>
+at::Tensor run_typed(const at::Tensor& x2d, const at::Tensor& values, const at::Tensor& indices,
+                     const std::optional<at::Tensor>& bias, int64_t k, int64_t bank_size,
+                     int64_t in_features) {
+  const int64_t n_batch = x2d.size(0);
+  const int64_t out = values.size(0);
+  const int64_t n_banks = ceil_div(in_features, bank_size);
+  // Staged x columns: every uint8 index of every bank lands inside (zeros past in_features).
+  const int64_t xs_cols = (n_banks - 1) * bank_size + 256;
+  const size_t smem_optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+
+  int nb = n_batch == 1 ? 1 : n_batch == 2 ? 2 : n_batch <= 4 ? 4 : 8;
+  auto smem_for = [&](int b) {
+    return static_cast<size_t>((xs_cols * b * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16);
+  };
+  while (nb > 1 && smem_for(nb) > smem_optin) nb /= 2;
+  const bool fits = smem_for(nb) <= smem_optin;
+
+  if (!fits || n_batch >= dense_min_batch(k, bank_size, sizeof(T))) {
+    at::Tensor dense = unpack_dense<T>(values, indices, k, bank_size, in_features);
+    return at::linear(x2d, dense, bias);
+  }
+  at::Tensor y = at::empty({n_batch, out}, x2d.options());
+  launch_gather<T>(x2d, values, indices, bias, y, k, bank_size, nb, smem_for(nb),
+                   static_cast<int>(xs_cols));
+  return y;
+}
+
+at::Tensor balanced_linear_cuda(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& indices, int64_t bank_size,
+                                int64_t in_features, const std::optional<at::Tensor>& bias) {
+  const int64_t k = check_balanced_linear_inputs(x, values, indices, bank_size, in_features, bias);
+  TORCH_CHECK_VALUE(x.is_cuda(), "balanced_linear (CUDA): x must be a CUDA tensor, got ",
+                    x.device());
+  const c10::cuda::CUDAGuard guard(x.device());
+
+  const int64_t out = values.size(0);
+  const int64_t row_len = values.size(1);
+  // Kernel index arithmetic is 32-bit per row; j / k by multiply-high needs j * k < 2^32.
+  TORCH_CHECK_VALUE(out <= INT32_MAX && in_features <= INT32_MAX &&
+                        row_len * k < (int64_t{1} << 32),
+                    "balanced_linear (CUDA): weight too large for the kernels (out=", out,
+                    ", in_features=", in_features, ", n_banks*k=", row_len, ")");
+
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end() - 1);
+  out_shape.push_back(out);
+  const at::Tensor x2d = x.reshape({-1, in_features}).contiguous();
+  const at::Tensor vals = values.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  std::optional<at::Tensor> b;
+  if (bias.has_value()) b = bias->contiguous();
+
+  if (x2d.size(0) == 0 || out == 0) return at::empty(out_shape, x.options());
+
+  at::Tensor y;
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      y = run_typed<float>(x2d, vals, idx, b, k, bank_size, in_features);
+      break;
+    case at::kHalf:
+      y = run_typed<__half>(x2d, vals, idx, b, k, bank_size, in_features);
+      break;
+    case at::kBFloat16:
+      y = run_typed<__nv_bfloat16>(x2d, vals, idx, b, k, bank_size, in_features);
+      break;
+    default:
+      // float64 (no kernel): dense product of the unpacked weight.
+      y = at::linear(x2d, unpack_balanced_dense(vals, idx, bank_size, in_features, k), b);
+  }
+  return y.view(out_shape);
+}
+
+}  // namespace
+}  // namespace bs_lightning::cuda
+
+TORCH_LIBRARY_IMPL(bs_lightning, CUDA, m) {
+  m.impl("balanced_linear", &bs_lightning::cuda::balanced_linear_cuda);
+}

@@ -1,0 +1,293 @@
+// SpMV (batch 1) and small-batch SpMM of the balanced format: y[n, o] = sum_j values[o, j] *
+// x[n, col(o, j)] (+ bias[o]), col(o, j) = (j / k) * bank_size + indices[o, j].
+//
+// Design (DESIGN.md section 3: a one-warp-per-row kernel had too few loads in flight):
+// - A group of G lanes (G = 1..32, a power of two, chosen on the host) owns one row at a time;
+//   a warp holds 32 / G rows. Each lane loads kUnroll chunks of kVec consecutive entries
+//   (16 bytes of values + kVec bytes of indices per chunk) into registers before using any,
+//   so every lane has kUnroll independent 16-byte loads in flight. Chunk c of pass p for
+//   lane g is (p * kUnroll + u) * G + g: the G lanes of a group read consecutive chunks.
+// - x is staged once per block in shared memory, transposed to [column][kNB] so one gather
+//   returns the kNB batch values of a column (16 bytes for 8 fp16 columns). The grid is
+//   persistent (about as many blocks as fit on the GPU), blocks loop over rows, so x is not
+//   staged again per row. The first row's loads are issued before staging x, and the next
+//   row's loads before the reduction and store of the current one.
+// - The staged x is padded with zeros to (n_banks - 1) * bank_size + 256 columns, so any
+//   uint8 index (even a corrupt one) reads inside shared memory.
+// - Rows whose start is not 16-byte aligned (row length not a multiple of kVec) are split into
+//   a scalar head (up to the next aligned entry), aligned chunks and a scalar tail; head and
+//   tail entries (< 2 * kVec per row) are spread over the group's lanes.
+// - Bank of entry j: j / k with a multiply-high by a precomputed magic number, once per chunk;
+//   inside the chunk the bank advances every k entries.
+// - fp32 accumulation; lanes of a group combine with warp shuffles; every (n, row) output with
+//   n < n_batch and row < out_features is written exactly once.
+#pragma once
+
+#include "device_utils.cuh"
+
+namespace bs_lightning::cuda {
+
+constexpr int kGatherThreads = 256;
+constexpr int kGatherUnroll = 4;  // chunks (16-byte loads) per lane in flight
+
+struct GatherParams {
+  const void* x;           // [n_batch, in_features] contiguous
+  const void* values;      // [out_features, row_len]
+  const uint8_t* indices;  // [out_features, row_len]
+  const void* bias;        // [out_features] or nullptr
+  void* y;                 // [n_batch, out_features]
+  int n_batch;
+  int in_features;
+  int out_features;
+  int row_len;    // n_banks * k
+  int k;          // entries per bank
+  int bank_size;  // columns per bank
+  uint64_t k_magic;
+  int xs_cols;     // columns of the staged x (>= in_features, covers any uint8 index)
+  int log2_group;  // G = 1 << log2_group lanes per row
+  int passes;      // ceil(max aligned chunks per row / (G * kGatherUnroll))
+  bool x_vec_ok;   // x rows can be read with 16-byte loads
+};
+
+// acc[n] += w * xs[col][n] for the kNB batch values of one staged column.
+template <typename T, int kNB>
+__device__ __forceinline__ void gather_fma(const T* xcol, float w, float (&acc)[kNB]) {
+  constexpr int kBytes = kNB * static_cast<int>(sizeof(T));
+  if constexpr (kBytes <= 16) {
+    const Vec<kBytes> v = *reinterpret_cast<const Vec<kBytes>*>(xcol);
+    const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+    for (int n = 0; n < kNB; ++n) acc[n] = fmaf(w, to_float(e[n]), acc[n]);
+  } else {
+    static_assert(kBytes % 16 == 0, "staged x columns are whole 16-byte vectors");
+    constexpr int kParts = kBytes / 16;
+    constexpr int kPer = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      const uint4 v = reinterpret_cast<const uint4*>(xcol)[part];
+      const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+      for (int n = 0; n < kPer; ++n) acc[part * kPer + n] = fmaf(w, to_float(e[n]), acc[part * kPer + n]);
+    }
+  }
+}
+
+// Stages x[n0 : n0 + kNB, :] into xs[col * kNB + n] (zeros for n >= nb_valid and for the
+// padding columns in_features..xs_cols). All threads of the block take part.
+template <typename T, int kNB>
+__device__ void stage_x(T* xs, const T* x, const GatherParams& p, int n0, int nb_valid) {
+  constexpr int kV = 16 / static_cast<int>(sizeof(T));  // elements per 16-byte vector
+  constexpr int kBatch = 4;                             // loads in flight per thread
+  const int tid = threadIdx.x;
+  const int in = p.in_features;
+
+  // Padding columns: plain zero stores (at most 255 + bank_size columns).
+  const T zero = from_float<T>(0.f);
+  for (int i = in * kNB + tid; i < p.xs_cols * kNB; i += kGatherThreads) xs[i] = zero;
+
+  if (p.x_vec_ok) {
+    const int vpr = in / kV;  // 16-byte vectors per batch row
+    const int total = vpr * kNB;
+    for (int base = tid; base < total; base += kGatherThreads * kBatch) {
+      uint4 v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int t = base + u * kGatherThreads;
+        const int n = t / vpr;
+        const int cv = t - n * vpr;
+        v[u] = (t < total && n < nb_valid)
+                   ? load_ro<uint4>(x + static_cast<size_t>(n0 + n) * in + cv * kV)
+                   : zero_vec<uint4>();
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int t = base + u * kGatherThreads;
+        if (t >= total) continue;
+        const int n = t / vpr;
+        const int cv = t - n * vpr;
+        if constexpr (kNB == 1) {
+          *reinterpret_cast<uint4*>(xs + cv * kV) = v[u];
+        } else {
+          const T* e = reinterpret_cast<const T*>(&v[u]);
+#pragma unroll
+          for (int i = 0; i < kV; ++i) xs[(cv * kV + i) * kNB + n] = e[i];
+        }
+      }
+    }
+  } else {
+    const int total = in * kNB;
+    constexpr int kScalarBatch = 8;
+    for (int base = tid; base < total; base += kGatherThreads * kScalarBatch) {
+      T v[kScalarBatch];
+#pragma unroll
+      for (int u = 0; u < kScalarBatch; ++u) {
+        const int t = base + u * kGatherThreads;
+        const int n = t / in;
+        const int c = t - n * in;
+        v[u] = (t < total && n < nb_valid) ? x[static_cast<size_t>(n0 + n) * in + c] : zero;
+      }
+#pragma unroll
+      for (int u = 0; u < kScalarBatch; ++u) {
+        const int t = base + u * kGatherThreads;
+        if (t >= total) continue;
+        const int n = t / in;
+        const int c = t - n * in;
+        xs[c * kNB + n] = v[u];
+      }
+    }
+  }
+}
+
+// Where the aligned chunks of a row start and how many there are.
+struct RowSplit {
+  int head;     // scalar entries [0, head) before the first kVec-aligned entry
+  int n_full;   // aligned chunks of kVec entries starting at entry `head`
+  int tail0;    // first entry of the scalar tail [tail0, row_len)
+};
+
+template <int kVec>
+__device__ __forceinline__ RowSplit split_row(int row, int row_len) {
+  RowSplit s;
+  if constexpr (kVec == 1) {
+    s.head = 0;
+    s.n_full = row_len;
+    s.tail0 = row_len;
+  } else {
+    // Element offset of the row start modulo kVec; base pointers are 16-byte aligned.
+    const int mis = static_cast<int>((static_cast<uint64_t>(row) * row_len) % kVec);
+    s.head = min((kVec - mis) % kVec, row_len);
+    s.n_full = (row_len - s.head) / kVec;
+    s.tail0 = s.head + s.n_full * kVec;
+  }
+  return s;
+}
+
+template <typename T, int kVec, int kNB>
+__global__ void __launch_bounds__(kGatherThreads)
+    balanced_gather_kernel(const GatherParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* xs = reinterpret_cast<T*>(smem_raw);  // [xs_cols][kNB]
+
+  using VVal = Vec<kVec * static_cast<int>(sizeof(T))>;
+  using VIdx = Vec<kVec>;
+
+  const T* __restrict__ x = static_cast<const T*>(p.x);
+  const T* __restrict__ values = static_cast<const T*>(p.values);
+  const uint8_t* __restrict__ indices = p.indices;
+  const T* __restrict__ bias = static_cast<const T*>(p.bias);
+  T* __restrict__ y = static_cast<T*>(p.y);
+
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int G = 1 << p.log2_group;
+  const int g = lane & (G - 1);              // lane within the row's group
+  const int group = lane >> p.log2_group;    // group within the warp
+  const int rows_per_warp = 32 >> p.log2_group;
+  constexpr int kWarps = kGatherThreads / 32;
+  const int out = p.out_features;
+  const int R = p.row_len;
+  const uint32_t k = static_cast<uint32_t>(p.k);
+  const int B = p.bank_size;
+
+  const int n0 = blockIdx.y * kNB;
+  const int nb_valid = min(kNB, p.n_batch - n0);
+
+  // Warp-uniform row base: every lane of a warp runs the same number of iterations, so the
+  // shuffles below always have the whole warp.
+  int row_base = (blockIdx.x * kWarps + warp) * rows_per_warp;
+  const int row_stride = gridDim.x * kWarps * rows_per_warp;
+
+  VVal wv[kGatherUnroll];
+  VIdx iv[kGatherUnroll];
+
+  auto load_pass = [&](int row, int pass) {
+    const bool ok = row < out;
+    const RowSplit s = split_row<kVec>(ok ? row : 0, R);
+    const size_t row_off = static_cast<size_t>(ok ? row : 0) * R + s.head;
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int c = (pass * kGatherUnroll + u) * G + g;
+      if (ok && c < s.n_full) {
+        const size_t e = row_off + static_cast<size_t>(c) * kVec;
+        wv[u] = load_ro<VVal>(values + e);
+        iv[u] = load_ro<VIdx>(indices + e);
+      }
+    }
+  };
+
+  auto compute_pass = [&](int row, int pass, float(&acc)[kNB]) {
+    const RowSplit s = split_row<kVec>(row, R);
+#pragma unroll
+    for (int u = 0; u < kGatherUnroll; ++u) {
+      const int c = (pass * kGatherUnroll + u) * G + g;
+      if (c < s.n_full) {
+        const uint32_t j0 = static_cast<uint32_t>(s.head + c * kVec);
+        uint32_t bank = div_by_k(j0, p.k_magic);
+        uint32_t r = j0 - bank * k;  // position inside the bank
+        int col_base = static_cast<int>(bank) * B;
+        const T* w = reinterpret_cast<const T*>(&wv[u]);
+        const uint8_t* idx = reinterpret_cast<const uint8_t*>(&iv[u]);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          gather_fma<T, kNB>(xs + (col_base + idx[i]) * kNB, to_float(w[i]), acc);
+          if (++r == k) {
+            r = 0;
+            col_base += B;
+          }
+        }
+      }
+    }
+  };
+
+  // Scalar head and tail entries of a row (only when rows are not kVec-aligned).
+  auto compute_edges = [&](int row, float(&acc)[kNB]) {
+    const RowSplit s = split_row<kVec>(row, R);
+    const int n_edge = s.head + (R - s.tail0);
+    const size_t row_off = static_cast<size_t>(row) * R;
+    for (int e = g; e < n_edge; e += G) {
+      const int j = e < s.head ? e : s.tail0 + (e - s.head);
+      const float w = to_float(values[row_off + j]);
+      const int col = static_cast<int>(div_by_k(static_cast<uint32_t>(j), p.k_magic)) * B +
+                      indices[row_off + j];
+      gather_fma<T, kNB>(xs + col * kNB, w, acc);
+    }
+  };
+
+  // First row's loads go out before x is staged, so the two overlap.
+  load_pass(row_base + group, 0);
+  stage_x<T, kNB>(xs, x, p, n0, nb_valid);
+  __syncthreads();
+
+  for (; row_base < out; row_base += row_stride) {
+    const int row = row_base + group;
+    const bool row_ok = row < out;
+    float acc[kNB];
+#pragma unroll
+    for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
+
+    for (int pass = 0; pass < p.passes; ++pass) {
+      if (pass > 0) load_pass(row, pass);
+      if (row_ok) compute_pass(row, pass, acc);
+    }
+    if (row_ok) compute_edges(row, acc);
+    // Next row's first loads go out before this row's reduction and store.
+    load_pass(row_base + row_stride + group, 0);
+
+#pragma unroll
+    for (int n = 0; n < kNB; ++n) {
+      for (int off = G >> 1; off > 0; off >>= 1)
+        acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
+    }
+    if (row_ok) {
+      const float b = bias != nullptr ? to_float(bias[row]) : 0.f;
+      // Lane g stores batch columns n with n % G == g (compile-time register indices).
+#pragma unroll
+      for (int n = 0; n < kNB; ++n) {
+        if ((n & (G - 1)) == g && n < nb_valid)
+          y[static_cast<size_t>(n0 + n) * out + row] = from_float<T>(acc[n] + b);
+      }
+    }
+  }
+}
+
+}  // namespace bs_lightning::cuda
