@@ -1,5 +1,21 @@
-"""Sparse inference modules and the compact balanced format they store."""
+"""Sparse inference modules and the compact balanced format they store.
 
+`BalancedSparseLinear`, `BalancedSparseConv2d`, `BalancedSparseLSTM` and
+`BalancedSparseConv1D` (Hugging Face GPT-2) hold their weights as values + uint8 in-bank
+indices (`format.py`) and compute with `bs_lightning.ops.balanced_linear`.
+"""
+
+from bs_lightning.nn.conv import BalancedSparseConv2d
+from bs_lightning.nn.conv1d import BalancedSparseConv1D
 from bs_lightning.nn.format import pack_balanced, unpack_balanced
+from bs_lightning.nn.linear import BalancedSparseLinear
+from bs_lightning.nn.lstm import BalancedSparseLSTM
 
-__all__ = ["pack_balanced", "unpack_balanced"]
+__all__ = [
+    "BalancedSparseConv1D",
+    "BalancedSparseConv2d",
+    "BalancedSparseLSTM",
+    "BalancedSparseLinear",
+    "pack_balanced",
+    "unpack_balanced",
+]

@@ -22,6 +22,8 @@ from bs_lightning.sparsity.masks import bank_layout
 __all__ = [
     "MAX_BANK_SIZE",
     "bank_counts",
+    "check_bank_size",
+    "infer_bank_layout",
     "infer_keep_count",
     "pack_balanced",
     "unpack_balanced",
@@ -35,11 +37,20 @@ def _where(name: str | None) -> str:
     return f" of layer {name!r}" if name else ""
 
 
-def _check_matrix(matrix: torch.Tensor, bank_size: int, name: str | None) -> None:
-    if matrix.dim() != 2:
-        raise ValueError(
-            f"matrix{_where(name)} must be 2-D [out, in], got shape {tuple(matrix.shape)}"
-        )
+def check_bank_size(bank_size: int, in_features: int, name: str | None = None) -> int:
+    """Validates a bank size for rows of `in_features` columns stored with uint8 indices.
+
+    Args:
+        bank_size: columns per bank.
+        in_features: columns of the matrix view.
+        name: layer name used in error messages.
+
+    Returns:
+        `bank_size`.
+
+    Raises:
+        ValueError: when `bank_size` is not an integer in [1, min(in_features, 256)].
+    """
     if (
         isinstance(bank_size, bool)
         or not isinstance(bank_size, int)
@@ -49,11 +60,20 @@ def _check_matrix(matrix: torch.Tensor, bank_size: int, name: str | None) -> Non
             f"bank_size{_where(name)} must be an integer in [1, {MAX_BANK_SIZE}] "
             f"(indices are uint8), got {bank_size!r}"
         )
-    if bank_size > matrix.shape[1]:
+    if bank_size > in_features:
         raise ValueError(
-            f"bank_size={bank_size}{_where(name)} is longer than a row ({matrix.shape[1]} "
-            f"columns); use a bank_size in [1, {min(matrix.shape[1], MAX_BANK_SIZE)}]"
+            f"bank_size={bank_size}{_where(name)} is longer than a row ({in_features} "
+            f"columns); use a bank_size in [1, {min(in_features, MAX_BANK_SIZE)}]"
         )
+    return bank_size
+
+
+def _check_matrix(matrix: torch.Tensor, bank_size: int, name: str | None) -> None:
+    if matrix.dim() != 2:
+        raise ValueError(
+            f"matrix{_where(name)} must be 2-D [out, in], got shape {tuple(matrix.shape)}"
+        )
+    check_bank_size(bank_size, matrix.shape[1], name)
 
 
 def bank_counts(matrix: torch.Tensor, bank_size: int, name: str | None = None):
@@ -80,6 +100,29 @@ def bank_counts(matrix: torch.Tensor, bank_size: int, name: str | None = None):
     return full, last
 
 
+def _count_rule(full, last, length: int, bank_size: int) -> tuple[int, str | None]:
+    """Applies the balance rule to bank counts: returns `(k, None)` or `(k, reason)`."""
+    if full.numel() == 0:
+        return 0, f"it has no full bank of {bank_size} columns"
+    k = int(full.max())
+    if k == 0:
+        return 0, "it is all zeros"
+    at_k = int((full == k).sum())
+    if 2 * at_k <= full.numel():
+        return k, (
+            f"it is not balanced at bank_size={bank_size}: only {at_k} of {full.numel()} "
+            f"banks hold the largest count {k} of nonzeros"
+        )
+    if last is not None:
+        k_last = bank_layout(length, bank_size, k)[1]
+        if int(last.max()) > k_last:
+            return k, (
+                f"it is not balanced at bank_size={bank_size}, k={k}: a short last bank "
+                f"holds {int(last.max())} nonzeros, more than its keep-count {k_last}"
+            )
+    return k, None
+
+
 def infer_keep_count(matrix: torch.Tensor, bank_size: int, name: str | None = None) -> int:
     """Keep-count `k` of a balanced matrix, read from its zeros.
 
@@ -101,29 +144,62 @@ def infer_keep_count(matrix: torch.Tensor, bank_size: int, name: str | None = No
             full bank or no nonzero, or it is not balanced at `bank_size`.
     """
     full, last = bank_counts(matrix, bank_size, name)
-    if full.numel() == 0:
-        raise ValueError(
-            f"matrix{_where(name)} of shape {tuple(matrix.shape)} has no full bank of "
-            f"{bank_size} columns; its keep-count cannot be inferred"
-        )
-    k = int(full.max())
-    if k == 0:
-        raise ValueError(f"matrix{_where(name)} is all zeros; it has no balanced pattern")
-    at_k = int((full == k).sum())
-    if 2 * at_k <= full.numel():
-        raise ValueError(
-            f"matrix{_where(name)} is not balanced at bank_size={bank_size}: only {at_k} of "
-            f"{full.numel()} banks hold the largest count {k} of nonzeros"
-        )
-    if last is not None:
-        k_last = bank_layout(matrix.shape[1], bank_size, k, name)[1]
-        if int(last.max()) > k_last:
-            raise ValueError(
-                f"matrix{_where(name)} is not balanced at bank_size={bank_size}, k={k}: a "
-                f"short last bank holds {int(last.max())} nonzeros, more than its "
-                f"keep-count {k_last}"
-            )
+    k, reason = _count_rule(full, last, matrix.shape[1], bank_size)
+    if reason is not None:
+        raise ValueError(f"matrix{_where(name)} of shape {tuple(matrix.shape)}: {reason}")
     return k
+
+
+def infer_bank_layout(matrix: torch.Tensor, name: str | None = None) -> tuple[int, int]:
+    """Bank size and keep-count of a balanced matrix, read from its zeros.
+
+    Every bank size `B` in `2..min(in, 256)` is tried with the rule of `infer_keep_count`.
+    Among the bank sizes where the matrix is balanced, the one with the smallest packed row
+    (`ceil(in / B) * k` entries) wins, then the smallest `B`. Why: a multiple of the pruner's
+    bank size is balanced too, with the same packed size, so the smallest one is the
+    pruner's; at a wrong smaller bank size a mildly sparse matrix can look dense with zeros
+    by chance (`k == B`), which the smallest packed size rules out. Any bank size this picks
+    packs the matrix exactly; the callback's record (`_bs_lightning_banks`) avoids guessing.
+
+    Args:
+        matrix: `[out, in]` matrix view with `in >= 2`.
+        name: layer name used in error messages.
+
+    Returns:
+        `(bank_size, k)`; `k == bank_size` means the matrix is dense (up to chance zeros).
+
+    Raises:
+        ValueError: when the matrix is not 2-D, has fewer than 2 columns or no nonzero, or
+            is balanced at no bank size.
+    """
+    if matrix.dim() != 2 or matrix.shape[1] < 2 or matrix.shape[0] == 0:
+        raise ValueError(
+            f"matrix{_where(name)} must be 2-D [out, in] with out >= 1 and in >= 2, got "
+            f"shape {tuple(matrix.shape)}"
+        )
+    rows, length = matrix.shape
+    # prefix sums of the nonzeros of each row: the count of any bank is one subtraction
+    nnz = torch.zeros(rows, length + 1, dtype=torch.int32, device=matrix.device)
+    torch.cumsum(matrix != 0, dim=1, dtype=torch.int32, out=nnz[:, 1:])
+    best = None  # (packed row width, bank_size, k)
+    for bank_size in range(2, min(length, MAX_BANK_SIZE) + 1):
+        n_full = length // bank_size
+        edges = torch.arange(0, (n_full + 1) * bank_size, bank_size, device=matrix.device)
+        at_edges = nnz[:, edges]  # [out, n_full + 1]
+        full = at_edges[:, 1:] - at_edges[:, :-1]  # [out, n_full]
+        last = nnz[:, length] - at_edges[:, -1] if length % bank_size else None
+        k, reason = _count_rule(full, last, length, bank_size)
+        width = -(-length // bank_size) * k
+        if reason is None and (best is None or width < best[0]):
+            best = (width, bank_size, k)
+    if best is None:
+        if int(nnz[:, length].sum()) == 0:
+            raise ValueError(f"matrix{_where(name)} is all zeros; it has no balanced pattern")
+        raise ValueError(
+            f"matrix{_where(name)} of shape {tuple(matrix.shape)} is balanced at no bank size "
+            f"in 2..{min(length, MAX_BANK_SIZE)}: some banks hold more nonzeros than most"
+        )
+    return best[1], best[2]
 
 
 def pack_balanced(
@@ -223,7 +299,7 @@ def unpack_balanced(
         raise ValueError(f"indices{_where(name)} must be torch.uint8, got {indices.dtype}")
     if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
         raise ValueError(f"in_features{_where(name)} must be an integer >= 1, got {in_features!r}")
-    _check_matrix(values.new_empty(0, in_features), bank_size, name)
+    check_bank_size(bank_size, in_features, name)
     rows, width = values.shape
     n_banks = -(-in_features // bank_size)
     if width == 0 or width % n_banks:

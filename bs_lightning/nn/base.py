@@ -1,0 +1,152 @@
+"""Shared machinery of the sparse inference modules: compact buffers and their layout checks.
+
+A module holds one or more compact matrices (`docs/ARCHITECTURE.md` section 2). Matrix
+`p` (`p` is `""` for a single-matrix module, else e.g. `"weight_ih_l0_"`) is stored as
+buffers `{p}values [out, n_banks * k]`, `{p}indices [out, n_banks * k]` (uint8) and
+`{p}layout` (int64 `[4]`: out_features, in_features, bank_size, k). The layout buffer makes
+a checkpoint self-describing (it survives safetensors, unlike `get_extra_state`) and lets
+`load_state_dict` refuse a checkpoint with other shapes or another bank size, naming the
+layer, instead of copying same-shaped tensors of a different bank layout.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bs_lightning.nn.format import check_bank_size, pack_balanced, unpack_balanced
+from bs_lightning.sparsity.masks import balanced_mask, bank_layout, keep_count
+
+__all__ = ["BalancedSparseModule", "prune_and_pack"]
+
+LAYOUT_FIELDS = ("out_features", "in_features", "bank_size", "k")
+
+
+def _where(name: str | None) -> str:
+    return f" of layer {name!r}" if name else ""
+
+
+def prune_and_pack(
+    matrix: torch.Tensor,
+    bank_size: int,
+    sparsity: float | None = None,
+    k: int | None = None,
+    name: str | None = None,
+):
+    """Packs a matrix view, pruning it one-shot first when `sparsity` is given.
+
+    Args:
+        matrix: `[out, in]` matrix view of a weight.
+        bank_size: columns per bank `B`, `1 <= B <= min(in, 256)`.
+        sparsity: target sparsity in [0, 1): prune with `balanced_mask` first. None: the
+            matrix must already be balanced.
+        k: keep-count per full bank when known (e.g. recorded by the callback); None infers
+            it from the zeros. Not allowed together with `sparsity`.
+        name: layer name used in error messages.
+
+    Returns:
+        `(values, indices, k)` as `pack_balanced`.
+
+    Raises:
+        ValueError: when both `sparsity` and `k` are given, or as `balanced_mask` and
+            `pack_balanced` (bad bank size or sparsity, matrix not balanced).
+    """
+    if sparsity is not None:
+        if k is not None:
+            raise ValueError(
+                f"give sparsity or k{_where(name)}, not both (got sparsity={sparsity}, k={k})"
+            )
+        # balanced_mask accepts any bank size; the uint8 format does not
+        check_bank_size(bank_size, matrix.shape[-1], name)
+        k = keep_count(bank_size, sparsity, name)
+        matrix = matrix.masked_fill(~balanced_mask(matrix, sparsity, bank_size, name), 0)
+    return pack_balanced(matrix, bank_size, k, name)
+
+
+class BalancedSparseModule(nn.Module):
+    """Base class: registers compact matrices and checks their layout on `load_state_dict`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # prefix -> (out_features, in_features, bank_size, k) as Python ints: forward reads
+        # these, never the layout buffers (that would be a host sync per call)
+        self._layouts: dict[str, tuple[int, int, int, int]] = {}
+
+    def _register_compact(
+        self,
+        prefix: str,
+        out_features: int,
+        in_features: int,
+        bank_size: int,
+        k: int,
+        device=None,
+        dtype=None,
+    ) -> None:
+        """Registers zero-filled compact buffers for one `[out, in]` matrix.
+
+        Raises:
+            ValueError: when a size is not a positive int, `bank_size` is not in
+                [1, min(in_features, 256)] or `k` is not in [1, bank_size].
+        """
+        what = f"{type(self).__name__} {prefix.rstrip('_') or 'weight'}"
+        for field, value in (("out_features", out_features), ("in_features", in_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} of {what} must be an integer >= 1, got {value!r}")
+        check_bank_size(bank_size, in_features, what)
+        n_banks, _ = bank_layout(in_features, bank_size, k, what)
+        # zeros are a valid packed matrix (all-zero weights), so a fresh module is usable
+        self.register_buffer(
+            prefix + "values", torch.zeros(out_features, n_banks * k, device=device, dtype=dtype)
+        )
+        self.register_buffer(
+            prefix + "indices",
+            torch.zeros(out_features, n_banks * k, device=device, dtype=torch.uint8),
+        )
+        layout = (out_features, in_features, bank_size, k)
+        self.register_buffer(
+            prefix + "layout", torch.tensor(layout, dtype=torch.int64, device=device)
+        )
+        self._layouts[prefix] = layout
+
+    def _fill_compact(self, prefix: str, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Copies packed tensors (from `pack_balanced`) into the buffers of matrix `prefix`."""
+        with torch.no_grad():
+            getattr(self, prefix + "values").copy_(values)
+            getattr(self, prefix + "indices").copy_(indices)
+
+    def _dense_matrix(self, prefix: str) -> torch.Tensor:
+        """The `[out, in]` dense matrix of compact matrix `prefix`."""
+        _, in_features, bank_size, _ = self._layouts[prefix]
+        return unpack_balanced(
+            getattr(self, prefix + "values"),
+            getattr(self, prefix + "indices"),
+            bank_size,
+            in_features,
+        )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        layer = prefix[:-1] or type(self).__name__
+        mismatched = False
+        for mat, layout in self._layouts.items():
+            key = prefix + mat + "layout"
+            incoming = state_dict.get(key)
+            if incoming is None:
+                continue  # reported as a missing key by the default loader
+            found = tuple(int(v) for v in torch.as_tensor(incoming).flatten().tolist())
+            if found != layout:
+                mismatched = True
+                fields = ", ".join(LAYOUT_FIELDS)
+                errors.append(
+                    f"layer {layer!r}: {mat}layout in the state_dict is ({fields}) = {found}, "
+                    f"but this {type(self).__name__} has {layout}; build the module with the "
+                    f"checkpoint's shapes, bank size and k"
+                )
+        if mismatched:
+            # copy nothing into this layer: same-shaped tensors of another bank layout
+            # would silently compute something else
+            return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )

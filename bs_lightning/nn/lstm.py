@@ -1,0 +1,322 @@
+"""`BalancedSparseLSTM`: `nn.LSTM` inference with balanced-sparse `W_ih` and `W_hh`.
+
+Per layer and direction: the input projection of the whole sequence is one balanced product
+(`[T * B, in] -> [T * B, 4H]`, with the folded bias `b_ih + b_hh`), then each time step is
+one balanced product of `h` with all four gates of `W_hh [4H, H]`. The step loop has no host
+syncs and no data-dependent Python branches, so it can be captured in a CUDA graph.
+Gate order is PyTorch's: input, forget, cell, output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
+from bs_lightning.ops import balanced_linear
+
+__all__ = ["BalancedSparseLSTM", "lstm_weight_names"]
+
+
+def lstm_weight_names(num_layers: int, bidirectional: bool) -> list[str]:
+    """Names of the `nn.LSTM` weight matrices, e.g. `weight_ih_l0`, `weight_hh_l1_reverse`."""
+    suffixes = ["", "_reverse"] if bidirectional else [""]
+    return [
+        f"weight_{kind}_l{layer}{sfx}"
+        for layer in range(num_layers)
+        for sfx in suffixes
+        for kind in ("ih", "hh")
+    ]
+
+
+def _per_matrix(value, weight_name: str, what: str, valid: list[str]) -> int:
+    """`value` itself, or `value[weight_name]` when it is a mapping per weight matrix."""
+    if isinstance(value, Mapping):
+        if weight_name not in value:
+            raise ValueError(
+                f"{what} of BalancedSparseLSTM has no entry for {weight_name!r}; a mapping "
+                f"needs every weight matrix: {valid}"
+            )
+        return value[weight_name]
+    return value
+
+
+class BalancedSparseLSTM(BalancedSparseModule):
+    """Multi-layer, optionally bidirectional LSTM with balanced-sparse weight matrices.
+
+    Buffers per weight matrix `w` (names as `nn.LSTM`, e.g. `weight_ih_l0`,
+    `weight_hh_l1_reverse`): `{w}_values`, `{w}_indices`, `{w}_layout`; per layer and
+    direction the folded bias `bias_l{layer}{_reverse}` `[4H]` (`b_ih + b_hh`) when
+    `bias=True`. No projection (`proj_size`) support.
+
+    Args:
+        input_size: features of the input.
+        hidden_size: `H`.
+        bank_size: columns per bank, one int for every matrix or a mapping from weight name
+            to int (an input smaller than the hidden size may need a smaller bank).
+        k: weights kept per full bank, an int or a mapping like `bank_size`.
+        num_layers: stacked layers.
+        bias: whether the LSTM has biases.
+        batch_first: input and output are `[B, T, F]` instead of `[T, B, F]`.
+        dropout: dropout between layers in training mode, as `nn.LSTM`.
+        bidirectional: run a reverse direction too; outputs are concatenated.
+        device: device of the buffers.
+        dtype: floating dtype of values and biases.
+
+    Raises:
+        ValueError: when a size, `bank_size` or `k` is out of range, or a mapping misses a
+            weight matrix.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bank_size: int | Mapping[str, int],
+        k: int | Mapping[str, int],
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        for field, value in (
+            ("input_size", input_size),
+            ("hidden_size", hidden_size),
+            ("num_layers", num_layers),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{field} of BalancedSparseLSTM must be an int >= 1, got {value!r}"
+                )
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"dropout of BalancedSparseLSTM must be in [0, 1], got {dropout!r}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.has_bias = bias
+        self.bank_size = bank_size
+        self.k = k
+        names = lstm_weight_names(num_layers, bidirectional)
+        directions = 2 if bidirectional else 1
+        for name in names:
+            layer = int(name.split("_l")[1].split("_")[0])
+            if name.startswith("weight_ih"):
+                in_features = input_size if layer == 0 else hidden_size * directions
+            else:
+                in_features = hidden_size
+            self._register_compact(
+                name + "_",
+                4 * hidden_size,
+                in_features,
+                _per_matrix(bank_size, name, "bank_size", names),
+                _per_matrix(k, name, "k", names),
+                device,
+                dtype,
+            )
+            if bias and name.startswith("weight_ih"):
+                self.register_buffer(
+                    "bias" + name[len("weight_ih") :],
+                    torch.zeros(4 * hidden_size, device=device, dtype=dtype),
+                )
+
+    def _product(self, weight_name: str, x: torch.Tensor, bias: torch.Tensor | None):
+        _, in_features, bank_size, _ = self._layouts[weight_name + "_"]
+        return balanced_linear(
+            x,
+            getattr(self, weight_name + "_values"),
+            getattr(self, weight_name + "_indices"),
+            bank_size,
+            in_features,
+            bias,
+        )
+
+    def _direction(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, suffix: str):
+        """Runs one layer in one direction. `x [T, B, in]`, `h`/`c [B, H]`.
+
+        Returns:
+            `(out [T, B, H], h_T [B, H], c_T [B, H])`.
+        """
+        bias = getattr(self, "bias" + suffix) if self.has_bias else None
+        gates_x = self._product("weight_ih" + suffix, x, bias)  # [T, B, 4H], one call
+        steps = x.shape[0]
+        order = range(steps - 1, -1, -1) if suffix.endswith("_reverse") else range(steps)
+        outs: list[torch.Tensor] = [x] * steps  # placeholders, every slot is overwritten
+        for t in order:
+            gates = gates_x[t] + self._product("weight_hh" + suffix, h, None)  # [B, 4H]
+            i, f, g, o = gates.chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs[t] = h
+        return torch.stack(outs), h, c
+
+    def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Same contract as `nn.LSTM.forward` (without `PackedSequence`).
+
+        Args:
+            input: `[T, B, input_size]` (`[B, T, input_size]` when `batch_first`) or
+                unbatched `[T, input_size]`.
+            hx: optional `(h0, c0)`, each `[num_layers * D, B, H]` (`[num_layers * D, H]`
+                unbatched), `D = 2` when bidirectional; zeros when None.
+
+        Returns:
+            `(output, (h_n, c_n))`: `output [T, B, D * H]` (batch-first when set),
+            `h_n`/`c_n` shaped like `h0`.
+
+        Raises:
+            TypeError: when `input` is a `PackedSequence`.
+            ValueError: when `input` or `hx` has the wrong shape.
+        """
+        if isinstance(input, PackedSequence):
+            raise TypeError("BalancedSparseLSTM does not take a PackedSequence; pad the batch")
+        if input.dim() not in (2, 3) or input.shape[-1] != self.input_size:
+            raise ValueError(
+                f"input of BalancedSparseLSTM must be [T, B, {self.input_size}] (batch_first: "
+                f"[B, T, {self.input_size}]) or [T, {self.input_size}], got {tuple(input.shape)}"
+            )
+        unbatched = input.dim() == 2
+        if unbatched:
+            x = input.unsqueeze(1)
+        else:
+            x = input.transpose(0, 1) if self.batch_first else input  # [T, B, in]
+        directions = 2 if self.bidirectional else 1
+        state_shape = (self.num_layers * directions, x.shape[1], self.hidden_size)
+        if hx is None:
+            h0 = c0 = x.new_zeros(state_shape)
+        else:
+            h0, c0 = (s.unsqueeze(1) if unbatched else s for s in hx)
+            if h0.shape != state_shape or c0.shape != state_shape:
+                raise ValueError(
+                    f"hx of BalancedSparseLSTM must be two tensors of shape {state_shape} "
+                    f"(unbatched: without the batch dim), got {tuple(hx[0].shape)} and "
+                    f"{tuple(hx[1].shape)}"
+                )
+        h_n, c_n = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d, sfx in enumerate(["", "_reverse"][:directions]):
+                idx = layer * directions + d
+                out, h, c = self._direction(x, h0[idx], c0[idx], f"_l{layer}{sfx}")
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            x = torch.cat(outs, dim=-1) if directions == 2 else outs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, training=True)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if unbatched:
+            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
+
+    @classmethod
+    def from_dense(
+        cls,
+        module: nn.Module,
+        bank_size: int | Mapping[str, int],
+        sparsity: float | None = None,
+        *,
+        k: int | Mapping[str, int] | None = None,
+        name: str | None = None,
+    ) -> BalancedSparseLSTM:
+        """Converts an `nn.LSTM`, pruning every weight matrix one-shot when `sparsity` is given.
+
+        Args:
+            module: the dense `nn.LSTM` (no `proj_size`).
+            bank_size: columns per bank, an int or a mapping from weight name to int.
+            sparsity: target sparsity in [0, 1) for a one-shot `balanced_mask` prune of each
+                matrix; None requires already balanced weights.
+            k: keep-count(s) when known (int or mapping); None infers them from the zeros.
+                Not together with `sparsity`.
+            name: layer name used in error messages.
+
+        Returns:
+            The sparse module on the weights' device and dtype.
+
+        Raises:
+            TypeError: when `module` is not an `nn.LSTM`.
+            ValueError: `proj_size > 0`, bad `bank_size`/`sparsity`/`k`, a mapping misses a
+                matrix, or a weight is not balanced.
+        """
+        if not isinstance(module, nn.LSTM):
+            raise TypeError(
+                f"BalancedSparseLSTM.from_dense expects an nn.LSTM, got {type(module).__name__}"
+            )
+        if module.proj_size:
+            raise ValueError(
+                f"LSTM{'' if name is None else f' {name!r}'} has proj_size="
+                f"{module.proj_size}; BalancedSparseLSTM supports proj_size=0 only"
+            )
+        names = lstm_weight_names(module.num_layers, module.bidirectional)
+        packed, banks, keeps = {}, {}, {}
+        for w in names:
+            where = w if name is None else f"{name}.{w}"
+            banks[w] = _per_matrix(bank_size, w, "bank_size", names)
+            k_w = None if k is None else _per_matrix(k, w, "k", names)
+            values, indices, keeps[w] = prune_and_pack(
+                getattr(module, w).detach(), banks[w], sparsity, k_w, where
+            )
+            packed[w] = (values, indices)
+        weight = module.weight_ih_l0
+        sparse = cls(
+            module.input_size,
+            module.hidden_size,
+            banks,
+            keeps,
+            num_layers=module.num_layers,
+            bias=module.bias,
+            batch_first=module.batch_first,
+            dropout=module.dropout,
+            bidirectional=module.bidirectional,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        for w, (values, indices) in packed.items():
+            sparse._fill_compact(w + "_", values, indices)
+        if module.bias:
+            with torch.no_grad():
+                for w in names[::2]:  # the weight_ih names
+                    sfx = w[len("weight_ih") :]
+                    folded = getattr(module, "bias_ih" + sfx) + getattr(module, "bias_hh" + sfx)
+                    getattr(sparse, "bias" + sfx).copy_(folded)
+        return sparse.train(module.training)
+
+    def to_dense(self) -> nn.LSTM:
+        """The equivalent `nn.LSTM`: pruned weights are zeros, the folded bias goes to
+        `bias_ih_*` and `bias_hh_*` is zero (same outputs up to rounding of the sum)."""
+        ref = self.weight_ih_l0_values
+        dense = nn.LSTM(
+            self.input_size,
+            self.hidden_size,
+            num_layers=self.num_layers,
+            bias=self.has_bias,
+            batch_first=self.batch_first,
+            dropout=self.dropout,
+            bidirectional=self.bidirectional,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            for w in lstm_weight_names(self.num_layers, self.bidirectional):
+                getattr(dense, w).copy_(self._dense_matrix(w + "_"))
+                if self.has_bias and w.startswith("weight_ih"):
+                    sfx = w[len("weight_ih") :]
+                    getattr(dense, "bias_ih" + sfx).copy_(getattr(self, "bias" + sfx))
+                    getattr(dense, "bias_hh" + sfx).zero_()
+        return dense.train(self.training)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
+            f"bias={self.has_bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
+            f"bidirectional={self.bidirectional}, bank_size={self.bank_size}, k={self.k}"
+        )
