@@ -10,8 +10,9 @@
 // - x is staged once per block in shared memory, transposed to [column][kNB] so one gather
 //   returns the kNB batch values of a column (16 bytes for 8 fp16 columns). The grid is
 //   persistent (about as many blocks as fit on the GPU), blocks loop over rows, so x is not
-//   staged again per row. The first row's loads are issued before staging x, and the next
-//   row's loads before the reduction and store of the current one.
+//   staged again per row. The first row's loads are issued before staging x. Two register
+//   sets of chunks alternate: while one set is summed, the other's loads are in flight (the
+//   row's next pass, or the next row's first pass, issued before the reduction and store).
 // - The staged x is padded with zeros to (n_banks - 1) * bank_size + 256 columns, so any
 //   uint8 index (even a corrupt one) reads inside shared memory.
 // - Rows whose start is not 16-byte aligned (row length not a multiple of kVec) are split into
@@ -197,10 +198,12 @@ __global__ void __launch_bounds__(kGatherThreads)
   int row_base = (blockIdx.x * kWarps + warp) * rows_per_warp;
   const int row_stride = gridDim.x * kWarps * rows_per_warp;
 
-  VVal wv[kGatherUnroll];
-  VIdx iv[kGatherUnroll];
+  // Two register sets: while one set's chunks are summed, the other set's loads are in
+  // flight (pass p + 1 of this row, or pass 0 of the next row).
+  VVal wv_a[kGatherUnroll], wv_b[kGatherUnroll];
+  VIdx iv_a[kGatherUnroll], iv_b[kGatherUnroll];
 
-  auto load_pass = [&](int row, int pass) {
+  auto load_pass = [&](VVal(&wv)[kGatherUnroll], VIdx(&iv)[kGatherUnroll], int row, int pass) {
     const bool ok = row < out;
     const RowSplit s = split_row<kVec>(ok ? row : 0, R);
     const size_t row_off = static_cast<size_t>(ok ? row : 0) * R + s.head;
@@ -215,7 +218,9 @@ __global__ void __launch_bounds__(kGatherThreads)
     }
   };
 
-  auto compute_pass = [&](int row, int pass, float(&acc)[kNB]) {
+  // Sums the chunks a load_pass(wv, iv, row, pass) brought in (same predicates).
+  auto compute_pass = [&](const VVal(&wv)[kGatherUnroll], const VIdx(&iv)[kGatherUnroll],
+                          int row, int pass, float(&acc)[kNB]) {
     const RowSplit s = split_row<kVec>(row, R);
 #pragma unroll
     for (int u = 0; u < kGatherUnroll; ++u) {
@@ -254,24 +259,32 @@ __global__ void __launch_bounds__(kGatherThreads)
   };
 
   // First row's loads go out before x is staged, so the two overlap.
-  load_pass(row_base + group, 0);
+  load_pass(wv_a, iv_a, row_base + group, 0);
   stage_x<T, kNB>(xs, x, p, n0, nb_valid);
   __syncthreads();
 
   for (; row_base < out; row_base += row_stride) {
     const int row = row_base + group;
     const bool row_ok = row < out;
+    const int next_row = row_base + row_stride + group;
     float acc[kNB];
 #pragma unroll
     for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
 
-    for (int pass = 0; pass < p.passes; ++pass) {
-      if (pass > 0) load_pass(row, pass);
-      if (row_ok) compute_pass(row, pass, acc);
+    // Set a holds the even passes, set b the odd ones. Set a's pass 0 was loaded before.
+    for (int pass = 0; pass < p.passes; pass += 2) {
+      const bool has_b = pass + 1 < p.passes;
+      if (has_b) load_pass(wv_b, iv_b, row, pass + 1);
+      if (row_ok) compute_pass(wv_a, iv_a, row, pass, acc);
+      // Set a is free again: this row's pass + 2, or the next row's pass 0.
+      if (pass + 2 < p.passes) {
+        load_pass(wv_a, iv_a, row, pass + 2);
+      } else {
+        load_pass(wv_a, iv_a, next_row, 0);
+      }
+      if (has_b && row_ok) compute_pass(wv_b, iv_b, row, pass + 1, acc);
     }
     if (row_ok) compute_edges(row, acc);
-    // Next row's first loads go out before this row's reduction and store.
-    load_pass(row_base + row_stride + group, 0);
 
 #pragma unroll
     for (int n = 0; n < kNB; ++n) {
