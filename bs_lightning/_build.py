@@ -45,15 +45,26 @@ def csrc_dir() -> Path:
 
 
 def cuda_home() -> str | None:
-    """The CUDA toolkit to compile `csrc/cuda/*.cu` with, or None when CUDA is not built."""
+    """The CUDA toolkit to compile `csrc/cuda/*.cu` with, or None when CUDA is not built.
+
+    A toolkit is a folder with `bin/nvcc` and `include/cuda_runtime.h`: `CUDA_HOME`,
+    `CUDA_PATH`, `/usr/local/cuda`, then torch's guess (which follows `nvcc` on PATH and can
+    land on a wrapper script outside the toolkit, e.g. `/usr/local/bin/nvcc`).
+    """
     if os.environ.get("BS_LIGHTNING_NO_CUDA") == "1" or torch.version.cuda is None:
         return None
     from torch.utils import cpp_extension
 
-    # torch looks at CUDA_HOME/CUDA_PATH, then nvcc on PATH, then /usr/local/cuda.
-    home = cpp_extension.CUDA_HOME
-    if home and (Path(home) / "bin" / "nvcc").is_file():
-        return home
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        "/usr/local/cuda",
+        cpp_extension.CUDA_HOME,
+    ]
+    for home in candidates:
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            if (Path(home) / "include" / "cuda_runtime.h").is_file():
+                return home
     return None
 
 
@@ -100,7 +111,8 @@ def _cuda_include_paths() -> list[str]:
 
 def _build_args() -> dict:
     cpp, cu = _sources()
-    cflags = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=fast: strict -std=c++20 would otherwise forbid fusing a * b + c into FMA.
+    cflags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast"]
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         # JIT build on the machine that runs it: use its vector units (AVX2/AVX-512/NEON).
         cflags.append(
@@ -114,6 +126,7 @@ def _build_args() -> dict:
         "with_cuda": bool(cu),
     }
     if cu:
+        args["cuda_home"] = cuda_home()
         args["extra_cflags"] = cflags + ["-DBS_LIGHTNING_WITH_CUDA"]
         args["extra_cuda_cflags"] = [
             "-O3",
@@ -142,7 +155,13 @@ def build_tag(args: dict) -> str:
     for path in [*args["sources"], *map(str, _headers())]:
         h.update(path.encode())
         h.update(Path(path).read_bytes())
-    for key in ("extra_cflags", "extra_cuda_cflags", "extra_ldflags", "extra_include_paths"):
+    for key in (
+        "extra_cflags",
+        "extra_cuda_cflags",
+        "extra_ldflags",
+        "extra_include_paths",
+        "cuda_home",
+    ):
         h.update(repr(args.get(key)).encode())
     h.update(f"{torch.__version__}|{torch.version.cuda}|{sys.version}".encode())
     h.update(_cpu_signature().encode())
@@ -163,7 +182,12 @@ def _build_and_load() -> tuple[str, bool]:
     from torch.utils import cpp_extension
 
     args = _build_args()
-    build_dir = cache_root() / build_tag(args)
+    tag = build_tag(args)
+    home = args.pop("cuda_home", None)
+    if home:
+        # torch takes include and library paths from this global, set once at its import.
+        cpp_extension.CUDA_HOME = home
+    build_dir = cache_root() / tag
     lib = build_dir / f"{LIB_NAME}.so"
     if not lib.is_file():
         if os.environ.get("BS_LIGHTNING_NO_BUILD") == "1":

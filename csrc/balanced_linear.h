@@ -1,0 +1,82 @@
+// Shared declarations of the balanced sparse product (docs/ARCHITECTURE.md section 3).
+//
+// balanced_linear(x [..., in], values [out, n_banks*k], indices uint8 [out, n_banks*k],
+//                 bank_size, in_features, bias [out]?) -> [..., out]
+// Entry j of row o is column (j / k) * bank_size + indices[o, j] with weight values[o, j].
+//
+// The checks below are mirrored one to one by the Python fake implementation
+// (bs_lightning.ops.check_inputs): keep the two in sync, messages included.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace bs_lightning {
+
+constexpr int64_t kMaxBankSize = 256;  // in-bank indices are uint8
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Validates the arguments; returns the keep-count k per bank.
+// TORCH_CHECK_TYPE -> Python TypeError, TORCH_CHECK_VALUE -> Python ValueError.
+inline int64_t check_balanced_linear_inputs(const at::Tensor& x, const at::Tensor& values,
+                                            const at::Tensor& indices, int64_t bank_size,
+                                            int64_t in_features,
+                                            const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "balanced_linear: x must be floating point, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "balanced_linear: values.dtype (",
+                   values.scalar_type(), ") must equal x.dtype (", x.scalar_type(), ")");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte,
+                   "balanced_linear: indices must be torch.uint8, got ", indices.scalar_type());
+  TORCH_CHECK_VALUE(bank_size >= 1 && bank_size <= kMaxBankSize,
+                    "balanced_linear: bank_size must be in 1..", kMaxBankSize,
+                    " (uint8 in-bank indices), got ", bank_size);
+  TORCH_CHECK_VALUE(in_features >= 1, "balanced_linear: in_features must be >= 1, got ",
+                    in_features);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features,
+                    "balanced_linear: x must have shape [..., in_features=", in_features,
+                    "], got ", x.sizes());
+  TORCH_CHECK_VALUE(values.dim() == 2,
+                    "balanced_linear: values must be 2-D [out, n_banks * k], got ",
+                    values.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "balanced_linear: indices shape ",
+                    indices.sizes(), " must equal values shape ", values.sizes());
+  const int64_t n_banks = ceil_div(in_features, bank_size);
+  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(1) % n_banks == 0,
+                    "balanced_linear: values.size(1) (", values.size(1),
+                    ") must be a positive multiple of n_banks = ceil(in_features / bank_size) = ",
+                    n_banks);
+  const int64_t k = values.size(1) / n_banks;
+  TORCH_CHECK_VALUE(k <= bank_size, "balanced_linear: keep-count k = ", k,
+                    " per bank exceeds bank_size = ", bank_size);
+  TORCH_CHECK_VALUE(values.device() == x.device() && indices.device() == x.device(),
+                    "balanced_linear: x (", x.device(), "), values (", values.device(),
+                    ") and indices (", indices.device(), ") must be on the same device");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "balanced_linear: bias.dtype (",
+                     b.scalar_type(), ") must equal x.dtype (", x.scalar_type(), ")");
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == values.size(0),
+                      "balanced_linear: bias must have shape [out=", values.size(0), "], got ",
+                      b.sizes());
+    TORCH_CHECK_VALUE(b.device() == x.device(), "balanced_linear: bias (", b.device(),
+                      ") must be on x's device (", x.device(), ")");
+  }
+  return k;
+}
+
+// Dense [out, in_features] matrix of the compact weight (duplicates summed): the fallback
+// of every backend for large batches and dtypes without a kernel. Raises on bad indices.
+inline at::Tensor unpack_balanced_dense(const at::Tensor& values, const at::Tensor& indices,
+                                        int64_t bank_size, int64_t in_features, int64_t k) {
+  const int64_t width = values.size(1);
+  at::Tensor bank_start =
+      at::arange(width, indices.options().dtype(at::kLong)).div(k, "floor").mul(bank_size);
+  at::Tensor columns = indices.to(at::kLong).add(bank_start);  // [out, width]
+  return at::zeros({values.size(0), in_features}, values.options())
+      .scatter_add_(1, columns, values);
+}
+
+}  // namespace bs_lightning

@@ -1,0 +1,153 @@
+// CPU implementation of bs_lightning::balanced_linear (schema in csrc/ops.cpp).
+//
+// Dispatch on the number of input rows M (all leading dims flattened):
+//   M == 1          gather kernel (row_dot): vector loads of values and uint8 indices,
+//                   a gather of x, FMA; rows split across threads.
+//   2 <= M < dense  transposed-tile kernel (tile_rows): x^T per tile of 8..64 batch columns,
+//                   each nonzero one broadcast * contiguous FMA over the tile.
+//   M >= dense      unpack to a dense matrix + at::linear, where the dense GEMM is faster
+//                   (crossover measured by `python -m bs_lightning.bench kernels`).
+// dtypes: float32, bfloat16 and float16 run the kernels (accumulating in fp32); other
+// floating dtypes take the dense path.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "balanced_linear.h"
+#include "cpu/kernels.h"
+
+namespace bs_lightning::cpu {
+namespace {
+
+// Smallest batch at which unpack + dense GEMM beats the sparse kernels, as a function of
+// the kept fraction k / bank_size. Measured on a 2-core AVX-512 Xeon (fp32, 4096-wide
+// layers; see benchmarks/results/cpu-*): the sparse tile kernel costs about as much per
+// nonzero and batch column as the dense GEMM per weight and batch column times this factor.
+int64_t dense_crossover(int64_t k, int64_t bank_size) {
+  const double density = static_cast<double>(k) / static_cast<double>(bank_size);
+  if (density > 0.45) return 64;
+  if (density > 0.2) return 256;
+  return INT64_MAX;
+}
+
+// bank_start[j] = (j / k) * bank_size: first column of entry j's bank (same for all rows).
+std::vector<int32_t> bank_starts(int64_t width, int64_t k, int64_t bank_size) {
+  std::vector<int32_t> start(width);
+  for (int64_t j = 0; j < width; ++j) start[j] = static_cast<int32_t>(j / k * bank_size);
+  return start;
+}
+
+template <typename V>
+void run_gemv(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& indices,
+              const std::vector<int32_t>& start, const float* bias, at::Tensor& out) {
+  const int64_t in = x2.size(1), out_features = values.size(0), width = values.size(1);
+  at::Tensor xp = at::zeros({in + kIndexPad}, x2.options().dtype(at::kFloat));
+  xp.narrow(0, 0, in).copy_(x2.select(0, 0));
+  const float* xptr = xp.const_data_ptr<float>();
+  const V* vptr = values.const_data_ptr<V>();
+  const uint8_t* iptr = indices.const_data_ptr<uint8_t>();
+  V* optr = out.mutable_data_ptr<V>();
+  at::parallel_for(0, out_features, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      const float s = row_dot(vptr + o * width, iptr + o * width, start.data(), xptr, width);
+      optr[o] = static_cast<V>(bias ? s + bias[o] : s);
+    }
+  });
+}
+
+template <typename V, int L, int NV, int R>
+void run_tiles(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& indices,
+               const std::vector<int32_t>& start, const float* bias, at::Tensor& out) {
+  constexpr int64_t TB = int64_t{L} * NV;
+  const int64_t M = x2.size(0), in = x2.size(1);
+  const int64_t out_features = values.size(0), width = values.size(1);
+  const int64_t n_tiles = ceil_div(M, TB), full = M / TB, rem = M % TB;
+  // xt[t, c, l] = x[t * TB + l, c]; zero in the padding rows and unused lanes.
+  at::Tensor xt = at::zeros({n_tiles, in + kIndexPad, TB}, x2.options().dtype(at::kFloat));
+  if (full > 0) {
+    xt.narrow(0, 0, full).narrow(1, 0, in).copy_(
+        x2.narrow(0, 0, full * TB).reshape({full, TB, in}).transpose(1, 2));
+  }
+  if (rem > 0) {
+    xt.select(0, full).narrow(0, 0, in).narrow(1, 0, rem).copy_(x2.narrow(0, full * TB, rem).t());
+  }
+  const float* xtptr = xt.const_data_ptr<float>();
+  const V* vptr = values.const_data_ptr<V>();
+  const uint8_t* iptr = indices.const_data_ptr<uint8_t>();
+  V* optr = out.mutable_data_ptr<V>();
+  const int64_t tile_stride = (in + kIndexPad) * TB;
+  at::parallel_for(0, ceil_div(out_features, R), 8, [&](int64_t gbegin, int64_t gend) {
+    const int64_t begin = gbegin * R, end = std::min(gend * R, out_features);
+    // Tile-outer: one tile of x^T stays in cache while this thread's rows stream past it.
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const float* tile = xtptr + t * tile_stride;
+      const int64_t nb = std::min(TB, M - t * TB);
+      int64_t o = begin;
+      for (; o + R <= end; o += R) {
+        tile_rows<V, V, L, NV, R>(vptr, iptr, start.data(), width, tile, o, bias, optr,
+                                  out_features, t * TB, nb);
+      }
+      for (; o < end; ++o) {
+        tile_rows<V, V, L, NV, 1>(vptr, iptr, start.data(), width, tile, o, bias, optr,
+                                  out_features, t * TB, nb);
+      }
+    }
+  });
+}
+
+template <typename V>
+void run_sparse(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& indices,
+                int64_t k, int64_t bank_size, const float* bias, at::Tensor& out) {
+  const std::vector<int32_t> start = bank_starts(values.size(1), k, bank_size);
+  const int64_t M = x2.size(0);
+  if (M == 1) {
+    run_gemv<V>(x2, values, indices, start, bias, out);
+  } else if (M <= 8) {
+    run_tiles<V, 8, 1, 8>(x2, values, indices, start, bias, out);
+  } else if (M <= 16) {
+    run_tiles<V, 16, 1, 8>(x2, values, indices, start, bias, out);
+  } else if (M <= 32) {
+    run_tiles<V, 16, 2, 4>(x2, values, indices, start, bias, out);
+  } else {
+    run_tiles<V, 16, 4, 2>(x2, values, indices, start, bias, out);
+  }
+}
+
+}  // namespace
+
+at::Tensor balanced_linear_cpu(const at::Tensor& x, const at::Tensor& values,
+                               const at::Tensor& indices, int64_t bank_size, int64_t in_features,
+                               const std::optional<at::Tensor>& bias) {
+  const int64_t k =
+      check_balanced_linear_inputs(x, values, indices, bank_size, in_features, bias);
+  const auto dtype = x.scalar_type();
+  const bool has_kernel = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+  const int64_t M = x.numel() / in_features;
+  if (!has_kernel || M >= dense_crossover(k, bank_size)) {
+    return at::linear(x, unpack_balanced_dense(values, indices, bank_size, in_features, k), bias);
+  }
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = values.size(0);
+  at::Tensor out = at::empty({M, values.size(0)}, x.options());
+  if (M > 0 && values.size(0) > 0) {
+    const at::Tensor x2 = x.reshape({M, in_features});
+    const at::Tensor v = values.contiguous();
+    const at::Tensor idx = indices.contiguous();
+    const at::Tensor bias_f =
+        bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+    const float* bptr = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+    if (dtype == at::kFloat) {
+      run_sparse<float>(x2, v, idx, k, bank_size, bptr, out);
+    } else if (dtype == at::kBFloat16) {
+      run_sparse<c10::BFloat16>(x2, v, idx, k, bank_size, bptr, out);
+    } else {
+      run_sparse<c10::Half>(x2, v, idx, k, bank_size, bptr, out);
+    }
+  }
+  return out.view(out_shape);
+}
+
+}  // namespace bs_lightning::cpu
+
+TORCH_LIBRARY_IMPL(bs_lightning, CPU, m) {
+  m.impl("balanced_linear", &bs_lightning::cpu::balanced_linear_cpu);
+}
