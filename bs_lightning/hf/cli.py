@@ -1,0 +1,206 @@
+"""`bs-convert-hf`: prune a Hugging Face model to balanced sparsity, convert, save, compare.
+
+    bs-convert-hf --model PATH --sparsity 0.9 --bank-size 32 --out DIR \\
+        [--include GLOB ...] [--exclude GLOB ...]
+
+Loads the model from a local folder (or `all-MiniLM-L6-v2`, or a hub id when online), prunes
+the selected layers one-shot (`bs_lightning.hf.prune_and_convert`), saves the compact model
+(`save_sparse`) and prints per-layer sparsity, the size of the weights before and after, the
+largest output difference to the pruned dense model and the latency of one forward pass of
+dense vs sparse on the local device (median, timed in turns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from bs_lightning.evaluate import measure_latency
+from bs_lightning.hf.io import dedupe_state, save_sparse, sparse_layers
+from bs_lightning.hf.paths import resolve_model_path
+from bs_lightning.hf.prune import prune_and_convert
+
+DTYPES = {
+    "auto": None,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bs-convert-hf",
+        description="Prune a Hugging Face model to balanced sparsity, convert it to sparse "
+        "modules, save it compactly and compare size, outputs and latency with dense.",
+    )
+    p.add_argument("--model", required=True, help="model folder, all-MiniLM-L6-v2, or a hub id")
+    p.add_argument("--sparsity", type=float, required=True, help="target sparsity in [0, 1)")
+    p.add_argument("--bank-size", type=int, default=32, help="columns per bank (1..256)")
+    p.add_argument("--out", required=True, help="output folder for the compact model")
+    p.add_argument("--include", nargs="+", default=None, help="module-name globs to convert")
+    p.add_argument("--exclude", nargs="+", default=None, help="module-name globs to keep dense")
+    p.add_argument(
+        "--model-class",
+        default=None,
+        help="transformers class to load (default: the config's architectures[0], else AutoModel)",
+    )
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="weights dtype")
+    p.add_argument("--device", default=None, help="latency device (default: cuda if available)")
+    p.add_argument("--batch-size", type=int, default=1, help="rows of the latency input")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row of the latency input")
+    p.add_argument("--warmup", type=int, default=5, help="untimed forward passes per model")
+    p.add_argument("--repeats", type=int, default=30, help="timed forward passes per model")
+    p.add_argument("--json", default=None, help="also write the summary to this JSON file")
+    return p
+
+
+def _model_class(config, name: str | None) -> type:
+    candidates = [name] if name else list(getattr(config, "architectures", None) or [])
+    for cand in candidates:
+        cls = getattr(transformers, cand, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+        if name:
+            raise SystemExit(f"bs-convert-hf: --model-class {name!r} is not a transformers model")
+    return transformers.AutoModel
+
+
+def _bytes(model: nn.Module) -> int:
+    state, _ = dedupe_state(model.state_dict())
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every sparse layer replaced by its dense equivalent (`to_dense`)."""
+    dense = copy.deepcopy(model)
+    for name, module in sparse_layers(dense).items():
+        parent, _, attr = name.rpartition(".")
+        setattr(dense.get_submodule(parent) if parent else dense, attr, module.to_dense())
+    return dense
+
+
+def _main_output(out) -> torch.Tensor:
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
+
+
+def _layer_rows(model: nn.Module) -> list[dict]:
+    rows = []
+    for name, m in sparse_layers(model).items():
+        dense_bytes = m.in_features * m.out_features * m.values.element_size()
+        compact = m.values.numel() * m.values.element_size() + m.indices.numel()
+        rows.append(
+            {
+                "layer": name,
+                "type": type(m).__name__,
+                "shape": [m.out_features, m.in_features],
+                "bank_size": m.bank_size,
+                "k": m.k,
+                "sparsity": 1.0 - int((m.values != 0).sum()) / (m.in_features * m.out_features),
+                "dense_bytes": dense_bytes,
+                "compact_bytes": compact,
+            }
+        )
+    return rows
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def convert_cli(argv: Sequence[str] | None = None) -> dict:
+    """Runs `bs-convert-hf` with `argv` (default `sys.argv[1:]`).
+
+    Returns:
+        The printed summary as a dict (also written to `--json` when given).
+
+    Raises:
+        SystemExit: for bad arguments or a model that cannot be pruned and converted.
+    """
+    args = _parser().parse_args(argv)
+    path = resolve_model_path(args.model)
+    config = transformers.AutoConfig.from_pretrained(path)
+    cls = _model_class(config, args.model_class)
+    dtype = DTYPES[args.dtype]
+    model = cls.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).eval()
+    before = _bytes(model)
+    try:
+        prune_and_convert(model, args.sparsity, args.bank_size, args.include, args.exclude)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"bs-convert-hf: {err}") from err
+    after = _bytes(model)
+    out = save_sparse(model, args.out)
+    folder = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dense = densify(model)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
+    with torch.inference_mode():
+        sparse_y = _main_output(model.to(device)(x.to(device)))
+        dense_y = _main_output(dense.to(device)(x.to(device)))
+        diff = (sparse_y.float() - dense_y.float()).abs().max().item()
+    ms = measure_latency({"dense": dense, "sparse": model}, x, device, args.warmup, args.repeats)
+
+    rows = _layer_rows(model)
+    print(f"{type(model).__name__} from {path}: {len(rows)} layers converted")
+    print(f"{'layer':<52} {'type':<22} {'out x in':>12} {'B':>4} {'k':>4} {'sparsity':>9}")
+    for r in rows:
+        shape = f"{r['shape'][0]}x{r['shape'][1]}"
+        print(
+            f"{r['layer']:<52} {r['type']:<22} {shape:>12} {r['bank_size']:>4} {r['k']:>4} "
+            f"{r['sparsity']:>9.4f}"
+        )
+    layer_dense = sum(r["dense_bytes"] for r in rows)
+    layer_compact = sum(r["compact_bytes"] for r in rows)
+    print(f"converted layers: {_mb(layer_dense)} dense -> {_mb(layer_compact)} compact")
+    print(f"whole model weights: {_mb(before)} dense -> {_mb(after)} ({after / before:.3f}x)")
+    print(f"saved folder {out}: {_mb(folder)}")
+    print(f"max |sparse - pruned dense| output difference: {diff:.3g}")
+    print(
+        f"latency on {device} (input {args.batch_size}x{args.seq_len} tokens, median of "
+        f"{args.repeats}): dense {ms['dense']:.3f} ms, sparse {ms['sparse']:.3f} ms, "
+        f"speedup {ms['dense'] / ms['sparse']:.2f}x"
+    )
+    summary = {
+        "model": str(args.model),
+        "model_class": type(model).__name__,
+        "sparsity": args.sparsity,
+        "bank_size": args.bank_size,
+        "layers": rows,
+        "weights_bytes_dense": before,
+        "weights_bytes_sparse": after,
+        "saved_folder_bytes": folder,
+        "max_abs_output_diff": diff,
+        "latency": {
+            "device": str(device),
+            "input_shape": list(x.shape),
+            "dense_ms": ms["dense"],
+            "sparse_ms": ms["sparse"],
+            "speedup": ms["dense"] / ms["sparse"],
+        },
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point of `bs-convert-hf`."""
+    convert_cli(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,274 @@
+"""Save and load a converted Hugging Face model in its compact form.
+
+A saved folder holds:
+- `config.json`: the model config (`config.save_pretrained`), `architectures` set to the
+  model class,
+- `model.safetensors`: the state dict; sparse layers store only `values` / `indices`
+  (+ `bias`); tied tensors (GPT-2 `lm_head.weight`) are stored once,
+- `bs_lightning_sparse.json`: the marker, with the model class, dtype, bank size and keep-count
+  and, for every sparse layer, its type and shapes, plus the tied-tensor map.
+
+`load_sparse` rebuilds the architecture from the config with every Linear-like layer created
+on the meta device (no storage), swaps the sparse layers in from their shapes, and assigns the
+saved tensors, so the dense weights of the sparse layers never exist in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bs_lightning.hf.select import LINEAR_LIKE
+from bs_lightning.nn.conv1d import BalancedSparseConv1D
+from bs_lightning.nn.linear import BalancedSparseLinear
+
+__all__ = [
+    "MARKER_FILE",
+    "WEIGHTS_FILE",
+    "dedupe_state",
+    "load_sparse",
+    "save_sparse",
+    "sparse_layers",
+]
+
+MARKER_FILE = "bs_lightning_sparse.json"
+WEIGHTS_FILE = "model.safetensors"
+FORMAT_VERSION = 1
+# marker "type" -> inference module class
+SPARSE_TYPES: dict[str, type[nn.Module]] = {
+    "BalancedSparseLinear": BalancedSparseLinear,
+    "BalancedSparseConv1D": BalancedSparseConv1D,
+}
+
+
+def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> sparse inference module, for every sparse layer of `model`."""
+    kinds = tuple(SPARSE_TYPES.values())
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _layer_entry(module: nn.Module) -> dict:
+    return {
+        "type": type(module).__name__,
+        "in_features": module.in_features,
+        "out_features": module.out_features,
+        "bank_size": module.bank_size,
+        "k": module.k,
+        "bias": module.bias is not None,
+    }
+
+
+def _common(entries: dict[str, dict], key: str):
+    values = {e[key] for e in entries.values()}
+    return values.pop() if len(values) == 1 else None
+
+
+def dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drops tensors that share storage with an earlier key (tied weights).
+
+    Returns:
+        `(unique_state, tied)` where `tied[dropped_key] = kept_key`.
+    """
+    seen: dict[tuple, str] = {}
+    unique, tied = {}, {}
+    for key, t in state.items():
+        ident = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.dtype)
+        if t.numel() and ident in seen:
+            tied[key] = seen[ident]
+            continue
+        seen[ident] = key
+        unique[key] = t.detach().contiguous()
+    return unique, tied
+
+
+def save_sparse(model: transformers.PreTrainedModel, path: str | Path) -> Path:
+    """Writes the compact model: config, safetensors weights and the sparse marker.
+
+    Args:
+        model: a `PreTrainedModel` converted by `prune_and_convert` (or `convert_to_sparse`).
+        path: output folder, created if needed; existing files of the same names are replaced.
+
+    Returns:
+        The folder as a `Path`.
+
+    Raises:
+        TypeError: when `model` is not a `transformers.PreTrainedModel`.
+        ValueError: when `model` has no sparse layer (convert it first).
+    """
+    if not isinstance(model, transformers.PreTrainedModel):
+        raise TypeError(f"model must be a transformers.PreTrainedModel, got {type(model).__name__}")
+    layers = {n: _layer_entry(m) for n, m in sparse_layers(model).items()}
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no balanced sparse layer "
+            f"({', '.join(SPARSE_TYPES)}); call bs_lightning.hf.prune_and_convert first"
+        )
+    from bs_lightning import __version__
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    state, tied = dedupe_state(model.state_dict())
+    save_file(state, out / WEIGHTS_FILE, metadata={"format": "pt"})
+    marker = {
+        "format": "bs_lightning.sparse",
+        "format_version": FORMAT_VERSION,
+        "bs_lightning_version": __version__,
+        "model_class": type(model).__name__,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        # one bank size / keep-count for the whole model when all layers agree, else null
+        "bank_size": _common(layers, "bank_size"),
+        "k": _common(layers, "k"),
+        "sparse_layers": layers,
+        "tied": tied,
+    }
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
+    return out
+
+
+@contextmanager
+def _linear_like_on_meta() -> Iterator[None]:
+    """Creates every Linear-like layer's parameters on the meta device (no storage).
+
+    Only the Linear-like constructors are redirected: buffers of other modules (BERT's
+    `position_ids`, Llama's rotary `inv_freq`, which are not saved) keep their real values.
+    """
+    originals = {cls: cls.__dict__["__init__"] for cls in LINEAR_LIKE}
+
+    def on_meta(init):
+        @functools.wraps(init)
+        def init_on_meta(self, *args, **kwargs):
+            with torch.device("meta"):
+                init(self, *args, **kwargs)
+
+        return init_on_meta
+
+    for cls, init in originals.items():
+        cls.__init__ = on_meta(init)
+    try:
+        yield
+    finally:
+        for cls, init in originals.items():
+            cls.__init__ = init
+
+
+def _read_marker(folder: Path) -> dict:
+    marker_path = folder / MARKER_FILE
+    if not marker_path.is_file():
+        raise FileNotFoundError(
+            f"{marker_path} not found: {folder} is not a folder written by "
+            f"bs_lightning.hf.save_sparse"
+        )
+    marker = json.loads(marker_path.read_text())
+    if marker.get("format") != "bs_lightning.sparse" or marker.get("format_version") != (
+        FORMAT_VERSION
+    ):
+        raise ValueError(
+            f"{marker_path} has format {marker.get('format')!r} version "
+            f"{marker.get('format_version')!r}; this bs_lightning reads "
+            f"'bs_lightning.sparse' version {FORMAT_VERSION}"
+        )
+    return marker
+
+
+def _model_class(name: str) -> type[transformers.PreTrainedModel]:
+    # only classes exported by transformers itself: the marker never names code to import
+    cls = getattr(transformers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"model_class {name!r} in {MARKER_FILE} is not a transformers PreTrainedModel class"
+        )
+    return cls
+
+
+def _build_sparse(name: str, entry: dict, dtype: torch.dtype) -> nn.Module:
+    cls = SPARSE_TYPES.get(entry.get("type"))
+    if cls is None:
+        raise ValueError(
+            f"sparse layer {name!r} in {MARKER_FILE} has type {entry.get('type')!r}; "
+            f"valid types: {sorted(SPARSE_TYPES)}"
+        )
+    return cls(
+        entry["in_features"],
+        entry["out_features"],
+        bank_size=entry["bank_size"],
+        k=entry["k"],
+        bias=entry["bias"],
+        dtype=dtype,
+    )
+
+
+def _owner(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
+    parent, _, attr = qualified.rpartition(".")
+    return (model.get_submodule(parent) if parent else model), attr
+
+
+def load_sparse(
+    path: str | Path, device: str | torch.device | None = None
+) -> transformers.PreTrainedModel:
+    """Rebuilds a model saved by `save_sparse`, without dense weights for its sparse layers.
+
+    Args:
+        path: folder written by `save_sparse` (local; nothing is downloaded).
+        device: where to put the model; default CPU.
+
+    Returns:
+        The model in eval mode, of the class recorded in the marker, with its sparse layers.
+
+    Raises:
+        FileNotFoundError: when the folder has no marker file.
+        ValueError: when the marker has an unknown format, model class or layer type, or the
+            weights file does not match the rebuilt architecture.
+    """
+    folder = Path(path)
+    marker = _read_marker(folder)
+    cls = _model_class(marker["model_class"])
+    dtype = getattr(torch, marker["dtype"])
+    config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    with _linear_like_on_meta():
+        model = cls._from_config(config, dtype=dtype)
+    for name, entry in marker["sparse_layers"].items():
+        try:
+            dense = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(
+                f"sparse layer {name!r} in {MARKER_FILE} does not exist in {marker['model_class']}"
+            ) from err
+        if not isinstance(dense, LINEAR_LIKE):
+            raise ValueError(
+                f"sparse layer {name!r} in {MARKER_FILE} replaces a {type(dense).__name__}; "
+                f"only {[t.__name__ for t in LINEAR_LIKE]} layers can be sparse"
+            )
+        owner, attr = _owner(model, name)
+        setattr(owner, attr, _build_sparse(name, entry, dtype))
+
+    state = load_file(folder / WEIGHTS_FILE)
+    tied: dict[str, str] = marker.get("tied", {})
+    result = model.load_state_dict(state, strict=False, assign=True)
+    missing = sorted(set(result.missing_keys) - set(tied))
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} does not match {marker['model_class']}: missing "
+            f"{missing}, unexpected {sorted(result.unexpected_keys)}"
+        )
+    for key, source in tied.items():
+        owner, attr = _owner(model, key)
+        src_owner, src_attr = _owner(model, source)
+        setattr(owner, attr, getattr(src_owner, src_attr))
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{folder / WEIGHTS_FILE} leaves tensors without data: {left}")
+    if device is not None:
+        model.to(device)
+    return model.eval()
