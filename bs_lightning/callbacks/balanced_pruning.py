@@ -283,6 +283,8 @@ class BalancedPruningCallback(Callback):
         # gradient accumulation calls this several times per optimizer step
         if step == self.last_pruned_step:
             return
+        if all(layer.keep == layer.keep_final for layer in self.layers.values()):
+            return  # target in place: nothing left to schedule
         if not is_pruning_step(step, self.start_step, self._resolved_end, self.frequency):
             return
         self.last_pruned_step = step
