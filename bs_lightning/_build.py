@@ -53,19 +53,19 @@ def cuda_home() -> str | None:
     """
     if os.environ.get("BS_LIGHTNING_NO_CUDA") == "1" or torch.version.cuda is None:
         return None
+
+    def is_toolkit(home: str | None) -> bool:
+        return bool(home) and all(
+            (Path(home) / sub).is_file() for sub in ("bin/nvcc", "include/cuda_runtime.h")
+        )
+
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if is_toolkit(home):
+            return home
+    # Imported only here: importing cpp_extension logs a notice on machines without a GPU.
     from torch.utils import cpp_extension
 
-    candidates = [
-        os.environ.get("CUDA_HOME"),
-        os.environ.get("CUDA_PATH"),
-        "/usr/local/cuda",
-        cpp_extension.CUDA_HOME,
-    ]
-    for home in candidates:
-        if home and (Path(home) / "bin" / "nvcc").is_file():
-            if (Path(home) / "include" / "cuda_runtime.h").is_file():
-                return home
-    return None
+    return cpp_extension.CUDA_HOME if is_toolkit(cpp_extension.CUDA_HOME) else None
 
 
 def _sources() -> tuple[list[Path], list[Path]]:
@@ -179,30 +179,30 @@ def _op_registered() -> bool:
 
 def _build_and_load() -> tuple[str, bool]:
     """Compile (if not cached) and load; returns (library path, has CUDA kernels)."""
+    args = _build_args()
+    home = args.pop("cuda_home", None)
+    build_dir = cache_root() / build_tag({**args, "cuda_home": home})
+    lib = build_dir / f"{LIB_NAME}.so"
+    if lib.is_file():
+        torch.ops.load_library(str(lib))
+        return str(lib), args["with_cuda"]
+    if os.environ.get("BS_LIGHTNING_NO_BUILD") == "1":
+        raise RuntimeError(f"no cached library at {lib} and BS_LIGHTNING_NO_BUILD=1")
+    # Imported only to build: importing it logs a notice on machines without a GPU.
     from torch.utils import cpp_extension
 
-    args = _build_args()
-    tag = build_tag(args)
-    home = args.pop("cuda_home", None)
     if home:
         # torch takes include and library paths from this global, set once at its import.
         cpp_extension.CUDA_HOME = home
-    build_dir = cache_root() / tag
-    lib = build_dir / f"{LIB_NAME}.so"
-    if not lib.is_file():
-        if os.environ.get("BS_LIGHTNING_NO_BUILD") == "1":
-            raise RuntimeError(f"no cached library at {lib} and BS_LIGHTNING_NO_BUILD=1")
-        print(BUILD_MESSAGE, file=sys.stderr, flush=True)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name=LIB_NAME,
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-            **args,
-        )
-    else:
-        torch.ops.load_library(str(lib))
+    print(BUILD_MESSAGE, file=sys.stderr, flush=True)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=LIB_NAME,
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+        **args,
+    )
     return str(lib), args["with_cuda"]
 
 
