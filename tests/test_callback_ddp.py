@@ -1,0 +1,62 @@
+"""Under DDP (2 CPU processes, gloo) every rank holds identical masks and weights."""
+
+import torch
+import torch.distributed as dist
+from conftest import TinyZoo, random_loader
+from lightning.pytorch import Callback, Trainer
+
+from bs_lightning import BalancedPruningCallback
+
+
+class DumpMasks(Callback):
+    """Saves each rank's masks and weights, and what `_broadcast` makes of a per-rank mask."""
+
+    def __init__(self, pruner: BalancedPruningCallback, out_dir: str):
+        self.pruner = pruner
+        self.out_dir = out_dir
+
+    def on_fit_end(self, trainer, pl_module):
+        rank = dist.get_rank()
+        differs = torch.tensor([rank == 0, rank == 1, True])  # a different mask on each rank
+        torch.save(
+            {
+                "world_size": dist.get_world_size(),
+                "masks": {n: layer.mask.cpu() for n, layer in self.pruner.layers.items()},
+                "keeps": {n: layer.keep for n, layer in self.pruner.layers.items()},
+                "weights": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                "broadcast": self.pruner._broadcast(differs),
+            },
+            f"{self.out_dir}/rank{rank}.pt",
+        )
+
+
+def test_ddp_ranks_hold_identical_masks(tmp_path):
+    torch.manual_seed(0)
+    pruner = BalancedPruningCallback(
+        sparsity=0.75, bank_size=8, frequency=2, end_step=6, verbose=False
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=2,
+        callbacks=[pruner, DumpMasks(pruner, str(tmp_path))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(TinyZoo(), random_loader())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
+    assert ranks[0]["keeps"] == ranks[1]["keeps"]
+    assert set(ranks[0]["keeps"].values()) == {2}
+    assert ranks[0]["masks"].keys() == ranks[1]["masks"].keys() and len(ranks[0]["masks"]) == 15
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+        assert mask.float().mean() <= 0.3
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    expected = torch.tensor([True, False, True])  # rank 0's mask
+    assert torch.equal(ranks[0]["broadcast"], expected)
+    assert torch.equal(ranks[1]["broadcast"], expected)
