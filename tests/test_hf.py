@@ -27,8 +27,7 @@ from bs_lightning.hf import load_sparse, prune_and_convert, save_sparse
 from bs_lightning.hf.io import MARKER_FILE, WEIGHTS_FILE
 from bs_lightning.hf.prune import prune_balanced_
 from bs_lightning.hf.select import select_layers
-from bs_lightning.nn.conv1d import BalancedSparseConv1D
-from bs_lightning.nn.linear import BalancedSparseLinear
+from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseLinear
 
 VOCAB = 96
 SEQ = 12
@@ -330,9 +329,18 @@ def test_bad_bank_size(bank_size):
         prune_and_convert(tiny_bert(), 0.5, bank_size=bank_size)
 
 
-def test_bank_longer_than_row_names_layer():
-    with pytest.raises(ValueError, match="bert.encoder.layer.0.attention.self.query"):
-        prune_and_convert(tiny_bert(hidden=32), 0.5, bank_size=64)
+def test_bank_longer_than_row_names_layer_and_changes_nothing():
+    # bank 48: layer 0's output.dense (64 columns) fits and comes first, layer 1's
+    # attention.output.dense (32 columns) does not; the error comes before any pruning
+    model = tiny_bert(hidden=32, intermediate=64)
+    before = copy.deepcopy(model.state_dict())
+    include = ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.attention.output.dense"]
+    with pytest.raises(
+        ValueError, match="bank_size=48 for layer 'bert.encoder.layer.1.attention.output.dense'"
+    ):
+        prune_and_convert(model, 0.5, bank_size=48, include=include)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
 
 
 def test_unconvertible_layer_names_it():
@@ -366,6 +374,21 @@ def test_not_balanced_names_layer():
         ValueError, match="'bert.encoder.layer.0.attention.self.query'.*not balanced"
     ):
         prune_and_convert(model, None, bank_size=8)
+
+
+def test_sparsity_none_on_unpruned_model():
+    with pytest.raises(ValueError, match="none of the 12 selected layers .* is pruned"):
+        prune_and_convert(tiny_bert(), None, bank_size=8)
+
+
+def test_sparsity_none_leaves_unpruned_layers_dense():
+    model = tiny_bert()
+    prune_balanced_(select_layers(model, include="*.intermediate.dense"), 0.5, 8)
+    prune_and_convert(model, None, bank_size=8)
+    assert type(model.get_submodule("bert.encoder.layer.0.intermediate.dense")) is (
+        BalancedSparseLinear
+    )
+    assert type(model.get_submodule("bert.encoder.layer.0.output.dense")) is nn.Linear
 
 
 def test_save_unconverted_model():

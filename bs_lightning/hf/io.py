@@ -28,8 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bs_lightning.hf.select import LINEAR_LIKE
-from bs_lightning.nn.conv1d import BalancedSparseConv1D
-from bs_lightning.nn.linear import BalancedSparseLinear
+from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseLinear
 
 __all__ = [
     "MARKER_FILE",
