@@ -95,6 +95,7 @@ def evaluate_run(
     include=None,
     exclude=None,
     dense_model: pl.LightningModule | None = None,
+    test_dense_baseline: bool = True,
     convert: bool = True,
     latency_batch_size: int = 1,
     latency_warmup: int = 5,
@@ -111,6 +112,8 @@ def evaluate_run(
         sparsity: target sparsity of the run (0 = dense run; a mapping for per-layer targets).
         include, exclude: the pruning selection, for the effective sparsity.
         dense_model: the dense starting point, tested as the dense baseline when given.
+        test_dense_baseline: test `dense_model` (False saves a test pass when many runs
+            start from the same checkpoint).
         convert: convert a balanced model and test the converted one.
         latency_batch_size, latency_warmup, latency_repeats: see `measure_latency`.
 
@@ -122,7 +125,7 @@ def evaluate_run(
     """
     is_dense_run = not isinstance(sparsity, dict) and float(sparsity) == 0.0
     pruned_metric = test_metric(trainer, model, datamodule)
-    if dense_model is not None:
+    if dense_model is not None and test_dense_baseline:
         dense_metric = test_metric(trainer, dense_model, datamodule)
     else:
         dense_metric = pruned_metric if is_dense_run else None

@@ -96,6 +96,8 @@ def train(cfg: DictConfig) -> dict:
     start = time.perf_counter()
     out = _output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
     pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
     pruning_callback = build_pruning_callback(pruning)
@@ -148,6 +150,7 @@ def train(cfg: DictConfig) -> dict:
         "bank_size": pruning.get("bank_size"),
         "block_size": pruning.get("block_size"),
         "init_from": cfg.init_from,
+        "threads": torch.get_num_threads(),
         **evaluation,
         "fit_time_s": fit_time,
         "wall_time_s": time.perf_counter() - start,
