@@ -56,7 +56,11 @@ from bs_lightning import BalancedPruningCallback
         ({"pattern": "nm", "n": 0, "m": 4}, r"n must be an integer in \[1, m=4\], got 0"),
         (
             {"initial_sparsity": 0.95, "sparsity": 0.5},
-            r"initial_sparsity=0.95 must not exceed the target sparsity 0.5",
+            r"initial_sparsity must be a float in \[0, 0.5\] \(at most the target sparsity\), got 0.95",
+        ),
+        (
+            {"initial_sparsity": -0.1},
+            r"initial_sparsity must be a float in \[0, 0.9\] \(at most the target sparsity\), got -0.1",
         ),
     ],
 )

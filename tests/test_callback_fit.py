@@ -220,3 +220,24 @@ def test_default_end_step_is_three_quarters_of_training(tiny_zoo):
     fit(tiny_zoo, pruner, epochs=5)
     assert pruner._resolved_end == 30
     assert all(layer.keep == 4 for layer in pruner.layers.values())
+
+
+def test_initial_sparsity_applies_at_start_step(tiny_zoo, memory_logger):
+    pruner = BalancedPruningCallback(
+        sparsity=0.75,
+        bank_size=8,
+        schedule="linear",
+        start_step=2,
+        end_step=6,
+        frequency=2,
+        initial_sparsity=0.5,
+        verbose=False,
+    )
+    fit(tiny_zoo, pruner, logger=memory_logger, epochs=1)
+    logged = {
+        step: m["sparsity/head.weight"]
+        for step, m in memory_logger.records
+        if "sparsity/overall" in m
+    }
+    # linear 0.5 -> 0.75 over steps 2..6: k = 4 at step 2, 3 at step 4 (0.625), 2 at step 6
+    assert logged == {2: 0.5, 4: 0.625, 6: 0.75}

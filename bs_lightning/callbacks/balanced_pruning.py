@@ -147,12 +147,17 @@ class BalancedPruningCallback(Callback):
         self.spec = PatternSpec(pattern, bank_size, n, m, block_size, vector_size)
         check_schedule(schedule, start_step, end_step, frequency)
         self.targets = self._check_targets(sparsity)
-        self.initial_sparsity = check_sparsity(initial_sparsity, "initial_sparsity")
         low = min(self.targets.values())
-        if self.initial_sparsity > low:
+        if (
+            isinstance(initial_sparsity, bool)
+            or not isinstance(initial_sparsity, (int, float))
+            or not 0.0 <= initial_sparsity <= low
+        ):
             raise ValueError(
-                f"initial_sparsity={initial_sparsity} must not exceed the target sparsity {low}"
+                f"initial_sparsity must be a float in [0, {low}] (at most the target "
+                f"sparsity), got {initial_sparsity!r}"
             )
+        self.initial_sparsity = float(initial_sparsity)
         self.schedule = schedule
         self.start_step = start_step
         self.end_step = end_step
