@@ -77,6 +77,8 @@ def assert_balanced(module, param_name, bank_size, k):
 
 def test_fit_reaches_target_and_stays(tiny_zoo, memory_logger, caplog):
     pruner = BalancedPruningCallback(sparsity=0.75, bank_size=8, frequency=5, end_step=20)
+    # pruning is in place: the LSTM's parameters keep their storage (cuDNN's flat weights)
+    storage = [p.data_ptr() for p in tiny_zoo.lstm._flat_weights]
     # lightning's logger does not propagate to the root logger that caplog listens on
     lightning_logger = logging.getLogger("lightning.pytorch")
     lightning_logger.addHandler(caplog.handler)
@@ -87,6 +89,8 @@ def test_fit_reaches_target_and_stays(tiny_zoo, memory_logger, caplog):
     printed = caplog.text
     assert trainer.global_step == 40
     assert list(pruner.layers) == EXPECTED_LAYERS
+    assert [p.data_ptr() for p in tiny_zoo.lstm._flat_weights] == storage
+    assert tiny_zoo.lstm._flat_weights[1] is tiny_zoo.lstm.weight_hh_l0
     for layer in pruner.layers.values():
         assert layer.keep == 2
         assert_balanced(layer.entry.module, layer.entry.param_name, 8, 2)
