@@ -11,12 +11,30 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 
 namespace bs_lightning {
 
 constexpr int64_t kMaxBankSize = 256;  // in-bank indices are uint8
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// dtype as Python spells it ("torch.float32"), so messages match the Python checks.
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kShort: return "torch.int16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
 
 // Validates the arguments; returns the keep-count k per bank.
 // TORCH_CHECK_TYPE -> Python TypeError, TORCH_CHECK_VALUE -> Python ValueError.
@@ -25,11 +43,11 @@ inline int64_t check_balanced_linear_inputs(const at::Tensor& x, const at::Tenso
                                             int64_t in_features,
                                             const std::optional<at::Tensor>& bias) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "balanced_linear: x must be floating point, got ", x.scalar_type());
+                   "balanced_linear: x must be floating point, got ", dtype_name(x.scalar_type()));
   TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "balanced_linear: values.dtype (",
-                   values.scalar_type(), ") must equal x.dtype (", x.scalar_type(), ")");
+                   dtype_name(values.scalar_type()), ") must equal x.dtype (", dtype_name(x.scalar_type()), ")");
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte,
-                   "balanced_linear: indices must be torch.uint8, got ", indices.scalar_type());
+                   "balanced_linear: indices must be torch.uint8, got ", dtype_name(indices.scalar_type()));
   TORCH_CHECK_VALUE(bank_size >= 1 && bank_size <= kMaxBankSize,
                     "balanced_linear: bank_size must be in 1..", kMaxBankSize,
                     " (uint8 in-bank indices), got ", bank_size);
@@ -57,7 +75,7 @@ inline int64_t check_balanced_linear_inputs(const at::Tensor& x, const at::Tenso
   if (bias.has_value()) {
     const at::Tensor& b = *bias;
     TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "balanced_linear: bias.dtype (",
-                     b.scalar_type(), ") must equal x.dtype (", x.scalar_type(), ")");
+                     dtype_name(b.scalar_type()), ") must equal x.dtype (", dtype_name(x.scalar_type()), ")");
     TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == values.size(0),
                       "balanced_linear: bias must have shape [out=", values.size(0), "], got ",
                       b.sizes());
