@@ -41,23 +41,6 @@ namespace {
 constexpr double kGatherMacPerByte = 2.0;
 constexpr const char* kDenseMinBatchEnv = "BS_LIGHTNING_CUDA_DENSE_MIN_BATCH";
 
-using GatherKernel = void (*)(GatherParams);
-
-template <typename T>
-GatherKernel pick_gather_kernel(bool vec, int nb) {
-  constexpr int kV = 16 / static_cast<int>(sizeof(T));
-  switch (nb) {
-    case 1:
-      return vec ? balanced_gather_kernel<T, kV, 1> : balanced_gather_kernel<T, 1, 1>;
-    case 2:
-      return vec ? balanced_gather_kernel<T, kV, 2> : balanced_gather_kernel<T, 1, 2>;
-    case 4:
-      return vec ? balanced_gather_kernel<T, kV, 4> : balanced_gather_kernel<T, 1, 4>;
-    default:
-      return vec ? balanced_gather_kernel<T, kV, 8> : balanced_gather_kernel<T, 1, 8>;
-  }
-}
-
 // Resident blocks per multiprocessor of `kernel` with `smem` dynamic shared bytes. The first
 // use on a device also raises the kernel's dynamic shared memory limit to the device's
 // opt-in maximum. Cached: neither call is repeated inside CUDA-graph captures of later calls.
@@ -150,7 +133,7 @@ void launch_gather(const at::Tensor& x2d, const at::Tensor& values, const at::Te
   p.passes = passes;
   p.x_vec_ok = aligned(p.x, 16) && in % kV == 0;
 
-  const GatherKernel kernel = pick_gather_kernel<T>(vec, nb);
+  const GatherKernel kernel = gather_kernel_for<T>(vec, nb);
   const auto* props = at::cuda::getCurrentDeviceProperties();
   const int device = x2d.get_device();
   const int resident = blocks_per_sm(kernel, device, smem, props->sharedMemPerBlockOptin) *

@@ -303,4 +303,34 @@ __global__ void __launch_bounds__(kGatherThreads)
   }
 }
 
+using GatherKernel = void (*)(GatherParams);
+
+// The kernel for dtype T: 16-byte chunks when `vec` (base pointers aligned), else scalar
+// loads; kNB = nb batch columns per block (1, 2, 4 or 8). Each dtype's kernels are compiled
+// in their own translation unit (gather_<dtype>.cu) so the build runs them in parallel.
+template <typename T>
+GatherKernel gather_kernel_for(bool vec, int nb);
+template <>
+GatherKernel gather_kernel_for<float>(bool vec, int nb);
+template <>
+GatherKernel gather_kernel_for<__half>(bool vec, int nb);
+template <>
+GatherKernel gather_kernel_for<__nv_bfloat16>(bool vec, int nb);
+
+// Definition used by gather_<dtype>.cu.
+template <typename T>
+GatherKernel select_gather_kernel(bool vec, int nb) {
+  constexpr int kV = 16 / static_cast<int>(sizeof(T));
+  switch (nb) {
+    case 1:
+      return vec ? balanced_gather_kernel<T, kV, 1> : balanced_gather_kernel<T, 1, 1>;
+    case 2:
+      return vec ? balanced_gather_kernel<T, kV, 2> : balanced_gather_kernel<T, 1, 2>;
+    case 4:
+      return vec ? balanced_gather_kernel<T, kV, 4> : balanced_gather_kernel<T, 1, 4>;
+    default:
+      return vec ? balanced_gather_kernel<T, kV, 8> : balanced_gather_kernel<T, 1, 8>;
+  }
+}
+
 }  // namespace bs_lightning::cuda

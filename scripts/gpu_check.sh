@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One run on a lent GPU (sized for an H200, < 8 minutes): build the CUDA kernels, run the
+# CUDA tests and the op/nn tests, the kernel benchmark and the LSTM end-to-end latency.
+# Logs, JSON and Markdown go flat into $OUT (default ./gpu_out; at most 8 files); a summary
+# table is printed LAST (the device tool returns only the end of the output).
+#
+#   scripts/gpu_check.sh            # on the GPU machine
+#   scripts/gpu_check.sh --dry-run  # anywhere: check that every entry point parses its
+#                                   # arguments and the test files collect; no build, no GPU
+#
+# The GPU machine has no hydra-core and no datasets: nothing here imports them (test files
+# that mention them are left out), and the package is installed without dependencies.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+[[ "${1:-}" == "--dry-run" ]] && DRY=1
+OUT="${OUT:-./gpu_out}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+# Kernel cache inside the checkout (ignored by git), built for the H200 only.
+export BS_LIGHTNING_CACHE="${BS_LIGHTNING_CACHE:-$PWD/build/bs_cache}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export MAX_JOBS="${MAX_JOBS:-16}"
+
+SUMMARY=()
+# step NAME TIMEOUT_S LOG CMD...: run CMD with a time limit, tee its output to $OUT/LOG.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local t0=$SECONDS
+  echo "=== $name (limit ${limit}s) ==="
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/$log"
+  local rc=${PIPESTATUS[0]}
+  SUMMARY+=("$(printf '%-14s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - t0))")")
+  return "$rc"
+}
+
+# Test files for this run: the CUDA tests plus the op and nn tests, minus any that would
+# import hydra or datasets.
+TESTS=()
+for f in tests/test_cuda_*.py tests/test_ops*.py tests/test_nn_*.py tests/test_format.py; do
+  [[ -f "$f" ]] || continue
+  grep -qE '^\s*(import|from) (hydra|datasets|omegaconf)' "$f" && continue
+  TESTS+=("$f")
+done
+
+if [[ $DRY == 1 ]]; then
+  step collect 120 check.log "$PY" -m pytest --collect-only -q "${TESTS[@]}"
+  step ops-info 120 check.log "$PY" -m bs_lightning.ops --info
+  step bench-help 60 check.log "$PY" -m bs_lightning.bench kernels --help
+  step lstm-dry 300 check.log "$PY" -m bs_lightning.bench.lstm_e2e --dry-run --out-dir "$OUT"
+else
+  {
+    nvidia-smi
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), torch.cuda.get_device_capability(0))"
+    "$CUDA_HOME/bin/nvcc" --version | tail -2
+  } 2>&1 | tee "$OUT/check.log"
+  step install 180 check.log "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+  step build 300 check.log "$PY" -m bs_lightning.ops --build
+  step tests 240 tests.log "$PY" -m pytest -x -q -p no:cacheprovider "${TESTS[@]}"
+  # Kernel benchmark: the issue's target cells (90%, bank 32, fp16, CUDA graphs).
+  step kernels 200 bench.log "$PY" -m bs_lightning.bench kernels --device cuda \
+    --dtype float16 --out-dir "$OUT"
+  step lstm 200 lstm.log "$PY" -m bs_lightning.bench.lstm_e2e --device cuda --compile \
+    --out-dir "$OUT"
+fi
+
+# Summary LAST: step status, then the headline numbers of every result file.
+echo
+echo "=== summary ($(date -u +%H:%M:%S) UTC, ${SECONDS}s total, results in $OUT) ==="
+printf '%s\n' "${SUMMARY[@]}"
+"$PY" - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+
+for path in sorted(Path(sys.argv[1]).glob("*.json")):
+    data = json.loads(path.read_text())
+    print(f"--- {path.name}")
+    if data.get("benchmark") == "lstm_e2e":
+        for b in data["banks"]:
+            t = b["times_us"]
+            print(
+                f"LSTM bank {b['bank_size']} k={b['k']} s={b['sparsity']}: "
+                + ", ".join(f"{k}={v}" for k, v in t.items())
+                + f" | speedup vs cuDNN eager {b.get('speedup_vs_dense_eager')}"
+                + f" (graph {b.get('speedup_vs_dense_graph')}) errors={list(b['errors'])}"
+            )
+    else:  # kernel benchmark: print whatever rows it has, compactly
+        rows = data.get("rows") or data.get("results") or []
+        for r in rows[:40]:
+            print(" ".join(f"{k}={v}" for k, v in r.items() if not isinstance(v, (dict, list))))
+EOF
