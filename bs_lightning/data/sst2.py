@@ -45,8 +45,9 @@ class LengthBatches(Sampler[list[int]]):
 
     Training (`shuffle=True`): every epoch, shuffle all sentences, cut them into pools of
     `pool_batches` batches, sort each pool by length, cut it into batches and shuffle the
-    batches. Evaluation (`shuffle=False`): all sentences sorted by length (the order of the
-    examples does not change accuracy).
+    batches. Evaluation (`shuffle=False`): all sentences sorted by length, longest first (the
+    order does not change accuracy; the first test row, which `bs_lightning.evaluate` times
+    for latency, is then the longest sentence rather than a two-word one).
 
     Args:
         lengths: token count of every sentence.
@@ -68,7 +69,7 @@ class LengthBatches(Sampler[list[int]]):
 
     def __iter__(self):
         if not self.shuffle:
-            order = torch.sort(self.lengths, stable=True).indices
+            order = torch.sort(self.lengths, descending=True, stable=True).indices
             yield from (b.tolist() for b in order.split(self.batch_size))
             return
         # the global generator: seeded by the run's seed (lightning.seed_everything)

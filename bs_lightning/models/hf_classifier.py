@@ -59,6 +59,9 @@ class HFSequenceClassifier(ClassifierModule):
         self.net = AutoModelForSequenceClassification.from_pretrained(
             resolve_model_path(pretrained), num_labels=num_classes, **extra
         )
+        # from_pretrained returns the model in eval mode and Lightning keeps every module's
+        # mode: without this, dropout would stay off during fine-tuning
+        self.net.train()
         # decoder-only models (GPT-2) find the last real token through the config's pad id
         self.net.config.pad_token_id = pad_token_id
         self.pad_token_id = pad_token_id
