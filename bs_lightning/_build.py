@@ -77,8 +77,10 @@ def _sources() -> tuple[list[Path], list[Path]]:
 
 
 def _headers() -> list[Path]:
+    """Headers the build includes: csrc/ and csrc/cpu/, plus csrc/cuda/ when it is built."""
     root = csrc_dir()
-    return sorted(p for p in root.rglob("*") if p.suffix in (".h", ".cuh", ".hpp"))
+    folders = [root, root / "cpu"] + ([root / "cuda"] if _sources()[1] else [])
+    return sorted(p for d in folders for p in d.glob("*") if p.suffix in (".h", ".cuh", ".hpp"))
 
 
 def _cuda_arch_flags() -> list[str]:

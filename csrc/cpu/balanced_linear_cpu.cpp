@@ -5,12 +5,16 @@
 //                   a gather of x, FMA; rows split across threads.
 //   2 <= M < dense  transposed-tile kernel (tile_rows): x^T per tile of 8..64 batch columns,
 //                   each nonzero one broadcast * contiguous FMA over the tile.
-//   M >= dense      unpack to a dense matrix + at::linear, where the dense GEMM is faster
-//                   (crossover measured by `python -m bs_lightning.bench kernels`).
+//   M >= dense      blocks of rows unpacked to a dense tile + GEMM, where the dense GEMM is
+//                   faster (crossover measured by `python -m bs_lightning.bench kernels`).
 // dtypes: float32, bfloat16 and float16 run the kernels (accumulating in fp32); other
-// floating dtypes take the dense path.
+// floating dtypes (float64) take the dense path.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "balanced_linear.h"
 #include "cpu/kernels.h"
@@ -18,15 +22,17 @@
 namespace bs_lightning::cpu {
 namespace {
 
-// Smallest batch at which unpack + dense GEMM beats the sparse kernels, as a function of
-// the kept fraction k / bank_size. Measured on a 2-core AVX-512 Xeon (fp32, 4096-wide
-// layers; see benchmarks/results/cpu-*): the sparse tile kernel costs about as much per
-// nonzero and batch column as the dense GEMM per weight and batch column times this factor.
+// Smallest batch at which blocked unpack + dense GEMM beats the sparse tile kernel, by kept
+// fraction d = k / bank_size. Measured (4096x4096, fp32, one thread's CPU time, AVX-512
+// Xeon): tile kernel / dense time at d = 0.5: 0.77x (batch 64), 1.1x (256), 1.37x (1024);
+// at d = 0.25: 0.63x (256), 0.74x (1024), 0.93x (4096). The tile kernel's cost grows with
+// d * batch, the GEMM's with batch, so the crossover falls as d rises.
 int64_t dense_crossover(int64_t k, int64_t bank_size) {
-  const double density = static_cast<double>(k) / static_cast<double>(bank_size);
-  if (density > 0.45) return 64;
-  if (density > 0.2) return 256;
-  return INT64_MAX;
+  const double d = static_cast<double>(k) / static_cast<double>(bank_size);
+  if (d > 0.45) return 160;
+  if (d > 0.37) return 512;
+  if (d > 0.25) return 1024;
+  return 8192;
 }
 
 // bank_start[j] = (j / k) * bank_size: first column of entry j's bank (same for all rows).
@@ -94,10 +100,48 @@ void run_tiles(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   });
 }
 
+// Large batches: unpack block_rows rows at a time into a reused dense tile (it stays in
+// cache; its pad columns absorb a bad index) and let the dense GEMM multiply it by x,
+// writing straight into out's columns. Costs one weight-sized write in cache on top of
+// the GEMM, instead of a full dense matrix in memory.
+constexpr int64_t kDenseTileElems = int64_t{1} << 22;  // 16 MiB fp32 tile: GEMM-sized
+
+template <typename V>
+void run_dense_blocked(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& indices,
+                       const std::vector<int32_t>& start, const std::optional<at::Tensor>& bias,
+                       at::Tensor& out) {
+  const int64_t in = x2.size(1), out_features = values.size(0), width = values.size(1);
+  // Enough rows per tile for an efficient GEMM (1024 rows of 4096 columns).
+  const int64_t block = std::max<int64_t>(64, kDenseTileElems / (in + kIndexPad));
+  const int64_t block_rows = std::min(block, out_features);
+  at::Tensor tile = at::empty({block_rows, in + kIndexPad}, values.options());
+  const V* vptr = values.const_data_ptr<V>();
+  const uint8_t* iptr = indices.const_data_ptr<uint8_t>();
+  V* tptr = tile.mutable_data_ptr<V>();
+  for (int64_t o0 = 0; o0 < out_features; o0 += block_rows) {
+    const int64_t rows = std::min(block_rows, out_features - o0);
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        V* row = tptr + r * (in + kIndexPad);
+        std::fill(row, row + in + kIndexPad, V(0));
+        const V* v = vptr + (o0 + r) * width;
+        const uint8_t* id = iptr + (o0 + r) * width;
+        for (int64_t j = 0; j < width; ++j) row[start[j] + id[j]] += v[j];  // sums duplicates
+      }
+    });
+    const at::Tensor w = tile.narrow(0, 0, rows).narrow(1, 0, in);  // [rows, in]
+    at::Tensor dst = out.narrow(1, o0, rows);                      // [M, rows]
+    if (bias.has_value()) {
+      at::addmm_out(dst, bias->narrow(0, o0, rows), x2, w.t());
+    } else {
+      at::mm_out(dst, x2, w.t());
+    }
+  }
+}
+
 template <typename V>
 void run_sparse(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& indices,
-                int64_t k, int64_t bank_size, const float* bias, at::Tensor& out) {
-  const std::vector<int32_t> start = bank_starts(values.size(1), k, bank_size);
+                const std::vector<int32_t>& start, const float* bias, at::Tensor& out) {
   const int64_t M = x2.size(0);
   if (M == 1) {
     run_gemv<V>(x2, values, indices, start, bias, out);
@@ -120,28 +164,30 @@ at::Tensor balanced_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t k =
       check_balanced_linear_inputs(x, values, indices, bank_size, in_features, bias);
   const auto dtype = x.scalar_type();
-  const bool has_kernel = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
-  const int64_t M = x.numel() / in_features;
-  if (!has_kernel || M >= dense_crossover(k, bank_size)) {
-    return at::linear(x, unpack_balanced_dense(values, indices, bank_size, in_features, k), bias);
-  }
+  const int64_t M = x.numel() / in_features, out_features = values.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = values.size(0);
-  at::Tensor out = at::empty({M, values.size(0)}, x.options());
-  if (M > 0 && values.size(0) > 0) {
-    const at::Tensor x2 = x.reshape({M, in_features});
-    const at::Tensor v = values.contiguous();
-    const at::Tensor idx = indices.contiguous();
-    const at::Tensor bias_f =
-        bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-    const float* bptr = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
-    if (dtype == at::kFloat) {
-      run_sparse<float>(x2, v, idx, k, bank_size, bptr, out);
-    } else if (dtype == at::kBFloat16) {
-      run_sparse<c10::BFloat16>(x2, v, idx, k, bank_size, bptr, out);
-    } else {
-      run_sparse<c10::Half>(x2, v, idx, k, bank_size, bptr, out);
-    }
+  out_shape.back() = out_features;
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0 || out_features == 0) return out.view(out_shape);
+  const at::Tensor x2 = x.reshape({M, in_features});
+  const at::Tensor v = values.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const std::vector<int32_t> start = bank_starts(v.size(1), k, bank_size);
+  const bool has_kernel = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+  if (!has_kernel || M >= dense_crossover(k, bank_size)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "balanced_linear_dense", [&] {
+      run_dense_blocked<scalar_t>(x2, v, idx, start, bias, out);
+    });
+    return out.view(out_shape);
+  }
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bptr = bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr;
+  if (dtype == at::kFloat) {
+    run_sparse<float>(x2, v, idx, start, bptr, out);
+  } else if (dtype == at::kBFloat16) {
+    run_sparse<c10::BFloat16>(x2, v, idx, start, bptr, out);
+  } else {
+    run_sparse<c10::Half>(x2, v, idx, start, bptr, out);
   }
   return out.view(out_shape);
 }

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts that time the real code paths and write JSON/Markdown (never tests)."""

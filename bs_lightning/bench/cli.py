@@ -1,0 +1,23 @@
+"""`bs-bench` / `python -m bs_lightning.bench`: benchmark subcommands.
+
+bs-bench kernels [options]   dense vs balanced op vs CSR, see bs_lightning.bench.kernels
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import import_module
+
+# subcommand -> module with main(argv)
+COMMANDS = {
+    "kernels": "bs_lightning.bench.kernels",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        names = ", ".join(sorted(COMMANDS))
+        print(f"usage: bs-bench {{{names}}} [options]  (subcommand --help for options)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return import_module(COMMANDS[argv[0]]).main(argv[1:])

@@ -1,0 +1,359 @@
+"""Kernel benchmark: dense `F.linear` vs the balanced op vs torch CSR (vs 2:4 on CUDA).
+
+`python -m bs_lightning.bench kernels` (or `bs-bench kernels`) times, side by side in one
+run, for each weight shape, sparsity and batch:
+
+- `dense`: `F.linear(x, W)` with the masked dense weight;
+- `balanced`: `bs_lightning.ops.balanced_linear` on the compact weight (bank 32 by default);
+- `csr`: `(W.to_sparse_csr() @ x.T).T`, torch's CSR product;
+- `semi_2to4` (CUDA, 50%, fp16/bf16 only, where torch supports it): `F.linear(x, W_2:4)` with
+  `torch.sparse.to_sparse_semi_structured` of a 2:4-pruned weight of the same shape.
+
+CPU: the contenders run interleaved, round after round, and medians are reported (a shared
+machine slows them alike). CUDA: each contender is replayed from a CUDA graph of N calls and
+timed with CUDA events. Every row also gives the speedup over dense and the fraction of the
+bytes floor: achieved bytes/s (weights + x + y) over a copy bandwidth measured in the same run.
+Writes `<out-dir>/<device>-<date>.json` and `.md` (device e.g. `cpu-2core`, `nvidia-h200`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bs_lightning import ops
+from bs_lightning.bench.timing import (
+    copy_bandwidth,
+    cuda_graph_us,
+    device_slug,
+    interleaved_medians,
+)
+from bs_lightning.nn.format import pack_balanced
+from bs_lightning.sparsity import balanced_mask, keep_count
+
+SHAPES = ["4096x4096", "11008x4096", "4096x11008", "6000x3000", "4096x25088"]
+SPARSITIES = [0.5, 0.75, 0.875, 0.9, 0.95]
+BATCHES = [1, 8, 64, 256]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Issue 3 targets: (shape, batch) -> minimum balanced-over-dense speedup at 90%, bank 32,
+# fp32 on the 2-core CPU.
+CPU_TARGETS = {
+    ("4096x4096", 1): 6.0,
+    ("11008x4096", 1): 8.0,
+    ("4096x4096", 8): 6.0,
+    ("11008x4096", 8): 6.0,
+}
+CONTENDERS = ["dense", "balanced", "csr", "semi_2to4"]
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    try:
+        out, inn = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"shape must be OUTxIN like 4096x4096, got {text!r}"
+        ) from None
+    return out, inn
+
+
+def semi_structured(weight: torch.Tensor):
+    """2:4 weight for torch's semi-structured kernels, or the reason it is unavailable."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+
+        mask = balanced_mask(weight, 0.5, 4)  # 2 of every 4 = the 2:4 pattern
+        return to_sparse_semi_structured(weight * mask)
+    except Exception as exc:  # unsupported GPU, dtype or build: reported, not fatal
+        return exc
+
+
+def bytes_moved(name: str, out: int, inn: int, batch: int, es: int, extra: dict) -> int:
+    """Bytes a contender must read/write at least: its weight format plus x and y."""
+    io = batch * (inn + out) * es
+    if name == "dense":
+        return out * inn * es + io
+    if name == "balanced":
+        return extra["nnz_slots"] * (es + 1) + io  # values + uint8 indices
+    if name == "csr":
+        return extra["nnz"] * (es + extra["csr_index_bytes"]) + (out + 1) * 8 + io
+    return out * inn * es // 2 + out * inn // 16 + io  # 2:4: half the values + 2-bit metadata
+
+
+def time_contenders(fns: dict, device: torch.device, args) -> dict[str, float]:
+    """Seconds per call of each callable (CPU interleaved medians, CUDA graph replays)."""
+    if device.type == "cpu":
+        return interleaved_medians(fns, reps=args.reps, budget_s=args.budget)
+    results = {}
+    for name, fn in fns.items():
+        results[name] = cuda_graph_us(fn, calls_per_graph=args.graph_calls, reps=args.reps) * 1e-6
+    return results
+
+
+def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> list[dict]:
+    """All batches of one (shape, sparsity): returns one row per batch."""
+    bank = args.bank_size
+    k = keep_count(bank, sparsity)
+    masked = weight * balanced_mask(weight, sparsity, bank)
+    values, indices, _ = pack_balanced(masked, bank, k)
+    w = masked.to(device=device, dtype=dtype)
+    values, indices = values.to(device=device, dtype=dtype), indices.to(device)
+    extra = {"nnz_slots": values.numel(), "nnz": int((masked != 0).sum())}
+    csr = None
+    try:
+        csr = w.to_sparse_csr()
+        extra["csr_index_bytes"] = csr.col_indices().element_size()
+    except Exception as exc:  # e.g. a dtype without CSR support
+        csr = exc
+    semi = semi_structured(w) if device.type == "cuda" and sparsity == 0.5 else None
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, inn, device=device, dtype=dtype)
+        fns = {
+            "dense": lambda x=x: F.linear(x, w),
+            "balanced": lambda x=x: ops.balanced_linear(x, values, indices, bank, inn),
+        }
+        errors = {}
+        if isinstance(csr, Exception):
+            errors["csr"] = f"{type(csr).__name__}: {csr}"
+        else:
+            fns["csr"] = lambda x=x: (csr @ x.t()).t()
+        if isinstance(semi, Exception):
+            errors["semi_2to4"] = f"{type(semi).__name__}: {semi}"
+        elif semi is not None:
+            fns["semi_2to4"] = lambda x=x: F.linear(x, semi)
+        for name in list(fns):  # a contender that fails its first call is reported, not timed
+            try:
+                fns[name]()
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                del fns[name]
+        # the benchmark runs the real code path: check it computes the same product
+        y_dense = fns["dense"]().float()
+        rel_err = ((fns["balanced"]().float() - y_dense).abs().max() / y_dense.abs().max()).item()
+        seconds = time_contenders(fns, device, args)
+        es = torch.empty((), dtype=dtype).element_size()
+        row = {
+            "shape": f"{out}x{inn}",
+            "out": out,
+            "in": inn,
+            "bank_size": bank,
+            "k": k,
+            "sparsity_target": sparsity,
+            "sparsity": 1 - k / bank,
+            "batch": batch,
+            "balanced_rel_err": rel_err,
+            "time_us": {n: s * 1e6 for n, s in seconds.items()},
+            "speedup_vs_dense": {n: seconds["dense"] / s for n, s in seconds.items()},
+            "bytes_floor_fraction": {
+                n: bytes_moved(n, out, inn, batch, es, extra) / s / copy_bw
+                for n, s in seconds.items()
+            },
+            "errors": errors,
+        }
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict) -> str:
+    t, sp, fr = row["time_us"], row["speedup_vs_dense"], row["bytes_floor_fraction"]
+    cells = [
+        f"{row['shape']:>11}",
+        f"{row['sparsity'] * 100:5.1f}%",
+        f"b{row['batch']:<4}",
+    ]
+    for name in CONTENDERS:
+        if name in t:
+            cells.append(
+                f"{name} {t[name]:10.1f}us x{sp[name]:5.2f} ({fr[name] * 100:4.1f}% floor)"
+            )
+    return " | ".join(cells)
+
+
+def check_targets(rows: list[dict], device: torch.device, dtype: torch.dtype, bank: int):
+    """Issue targets met or missed, for the rows of this run they apply to."""
+    if device.type != "cpu" or dtype != torch.float32 or bank != 32:
+        return []
+    found = []
+    for row in rows:
+        key = (row["shape"], row["batch"])
+        if row["sparsity_target"] == 0.9 and key in CPU_TARGETS:
+            speedup = row["speedup_vs_dense"]["balanced"]
+            found.append(
+                {
+                    "shape": row["shape"],
+                    "batch": row["batch"],
+                    "target": CPU_TARGETS[key],
+                    "speedup": speedup,
+                    "met": speedup >= CPU_TARGETS[key],
+                }
+            )
+    return found
+
+
+def to_markdown(result: dict) -> str:
+    meta = result["meta"]
+    lines = [
+        f"# Kernel benchmark: {meta['device_slug']} ({meta['date']})",
+        "",
+        f"- machine: {meta['machine']}, {meta['threads']} intra-op threads",
+        f"- torch {meta['torch']}, dtype {meta['dtype']}, bank {meta['bank_size']}, "
+        f"balanced backend `{meta['backend']}`",
+        f"- timing: {meta['timing']}",
+        f"- copy bandwidth (same run): {meta['copy_bandwidth_gbs']:.1f} GB/s; "
+        "'floor' = achieved bytes/s over it",
+        "",
+        "| W (out x in) | sparsity | batch | dense us | balanced us | CSR us | 2:4 us "
+        "| balanced vs dense | CSR vs dense | floor dense | floor balanced |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(row, name, key, fmt):
+        value = row[key].get(name)
+        return "-" if value is None else fmt.format(value)
+
+    for row in result["rows"]:
+        lines.append(
+            f"| {row['shape']} | {row['sparsity'] * 100:.1f}% | {row['batch']} "
+            f"| {cell(row, 'dense', 'time_us', '{:.1f}')} "
+            f"| {cell(row, 'balanced', 'time_us', '{:.1f}')} "
+            f"| {cell(row, 'csr', 'time_us', '{:.1f}')} "
+            f"| {cell(row, 'semi_2to4', 'time_us', '{:.1f}')} "
+            f"| {cell(row, 'balanced', 'speedup_vs_dense', '{:.2f}x')} "
+            f"| {cell(row, 'csr', 'speedup_vs_dense', '{:.2f}x')} "
+            f"| {cell(row, 'dense', 'bytes_floor_fraction', '{:.0%}')} "
+            f"| {cell(row, 'balanced', 'bytes_floor_fraction', '{:.0%}')} |"
+        )
+    if result["targets"]:
+        lines += ["", "Targets (90% requested = 90.6% with bank 32, fp32):", ""]
+        for t in result["targets"]:
+            verdict = "met" if t["met"] else "MISSED"
+            lines.append(
+                f"- {t['shape']} batch {t['batch']}: {t['speedup']:.2f}x "
+                f"(target {t['target']:.0f}x) {verdict}"
+            )
+    errors = {(r["shape"], r["sparsity"], r["batch"]): r["errors"] for r in result["rows"]}
+    reasons = sorted({f"{n}: {e}" for errs in errors.values() for n, e in errs.items()})
+    if reasons:
+        lines += ["", "Contenders that could not run:", ""] + [f"- {r}" for r in reasons]
+    return "\n".join(lines) + "\n"
+
+
+def machine_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bs_lightning.bench kernels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--shapes",
+        type=parse_shape,
+        nargs="+",
+        default=[parse_shape(s) for s in SHAPES],
+        help="OUTxIN weight shapes (default: %(default)s)",
+    )
+    p.add_argument("--sparsities", type=float, nargs="+", default=SPARSITIES)
+    p.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    p.add_argument("--bank-size", type=int, default=32)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--reps", type=int, default=15, help="timed rounds (CPU) or replays (CUDA)")
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=10.0,
+        help="CPU: seconds of rounds per row after which no more are added (>= 3)",
+    )
+    p.add_argument("--graph-calls", type=int, default=20, help="CUDA: calls captured per graph")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="where <device>-<date>.json/.md go (default: %(default)s)",
+    )
+    p.add_argument("--no-write", action="store_true", help="print only")
+    args = p.parse_args(argv)
+    if not 1 <= args.bank_size <= 256:
+        p.error(f"--bank-size must be in 1..256, got {args.bank_size}")
+    for s in args.sparsities:
+        try:
+            keep_count(args.bank_size, s)
+        except ValueError as exc:
+            p.error(f"--sparsities: {exc}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda needs a CUDA GPU")
+    return args
+
+
+def run(args: argparse.Namespace) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    ops.load()
+    torch.manual_seed(args.seed)
+    copy_bw = copy_bandwidth(device)
+    rows = []
+    for out, inn in args.shapes:
+        weight = torch.randn(out, inn)
+        for sparsity in args.sparsities:
+            rows += bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw)
+        del weight
+    timing = (
+        f"CUDA events around replays of a CUDA graph of {args.graph_calls} calls, median of "
+        f"{args.reps}"
+        if device.type == "cuda"
+        else f"interleaved rounds (perf_counter), median of up to {args.reps} rounds "
+        f"(at least 3; no new round after {args.budget:.0f}s per row)"
+    )
+    return {
+        "meta": {
+            "device_slug": device_slug(device),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else machine_name(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "dtype": args.dtype,
+            "bank_size": args.bank_size,
+            "backend": ops.backend(device),
+            "timing": timing,
+            "copy_bandwidth_gbs": copy_bw / 1e9,
+        },
+        "rows": rows,
+        "targets": check_targets(rows, device, dtype, args.bank_size),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    md = to_markdown(result)
+    print(md)
+    if not args.no_write:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        stem = f"{result['meta']['device_slug']}-{dt.date.today().isoformat()}"
+        (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out_dir / f"{stem}.md").write_text(md)
+        print(f"wrote {args.out_dir / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
