@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from bs_lightning.convert import convert_to_sparse
 from bs_lightning.sparsity import find_prunable
 
 
@@ -138,8 +139,6 @@ def evaluate_run(
     elif pattern != "balanced":
         conversion = f"pattern {pattern!r} is not balanced: only balanced models convert"
     else:
-        from bs_lightning.convert import convert_to_sparse
-
         converted = convert_to_sparse(clone_model(model), strict=True)
         conversion = "converted (strict) to balanced sparse modules"
     converted_metric = (
