@@ -55,6 +55,10 @@ from bs_lightning import BalancedPruningCallback
         ),
         ({"pattern": "nm", "n": 0, "m": 4}, r"n must be an integer in \[1, m=4\], got 0"),
         (
+            {"pattern": "nm", "sparsity": {"lstm": 0.5}},
+            r"pattern 'nm' with n=2, m=4 fixes sparsity to 0.5; pass sparsity=None or 0.5, got \{'lstm': 0.5\}",
+        ),
+        (
             {"initial_sparsity": 0.95, "sparsity": 0.5},
             r"initial_sparsity must be a float in \[0, 0.5\] \(at most the target sparsity\), got 0.95",
         ),
