@@ -27,12 +27,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <map>
-#include <mutex>
-#include <tuple>
 
 #include "balanced_linear.h"
-#include "gather_kernel.cuh"
+#include "gather_launch.h"
 #include "unpack_kernel.cuh"
 
 namespace bs_lightning::cuda {
@@ -40,47 +37,6 @@ namespace {
 
 constexpr double kGatherMacPerByte = 2.0;
 constexpr const char* kDenseMinBatchEnv = "BS_LIGHTNING_CUDA_DENSE_MIN_BATCH";
-
-// Resident blocks per multiprocessor of `kernel` with `smem` dynamic shared bytes. The first
-// use on a device also raises the kernel's dynamic shared memory limit to the device's
-// opt-in maximum. Cached: neither call is repeated inside CUDA-graph captures of later calls.
-int blocks_per_sm(GatherKernel kernel, int device, size_t smem, size_t smem_optin) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, GatherKernel, size_t>, int> cache;
-  static std::map<std::pair<int, GatherKernel>, bool> raised;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find({device, kernel, smem});
-  if (it != cache.end()) return it->second;
-  if (!raised[{device, kernel}]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem_optin)));
-    raised[{device, kernel}] = true;
-  }
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &blocks, reinterpret_cast<const void*>(kernel), kGatherThreads, smem));
-  TORCH_CHECK(blocks >= 1, "balanced_linear (CUDA): gather kernel cannot run with ", smem,
-              " bytes of shared memory");
-  cache[{device, kernel, smem}] = blocks;
-  return blocks;
-}
-
-int next_pow2(int v) {
-  int p = 1;
-  while (p < v) p <<= 1;
-  return p;
-}
-
-int log2_int(int v) {
-  int l = 0;
-  while ((1 << l) < v) ++l;
-  return l;
-}
-
-bool aligned(const void* ptr, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(ptr) % bytes == 0;
-}
 
 // Smallest N that takes the dense path (see the crossover rule above).
 int64_t dense_min_batch(int64_t k, int64_t bank_size, size_t elem_bytes) {
@@ -94,62 +50,6 @@ int64_t dense_min_batch(int64_t k, int64_t bank_size, size_t elem_bytes) {
   const double density = static_cast<double>(k) / static_cast<double>(bank_size);
   const double n = 2.0 * static_cast<double>(elem_bytes) * kGatherMacPerByte / density;
   return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(n)), 2, 4096);
-}
-
-template <typename T>
-void launch_gather(const at::Tensor& x2d, const at::Tensor& values, const at::Tensor& indices,
-                   const std::optional<at::Tensor>& bias, at::Tensor& y, int64_t k,
-                   int64_t bank_size, int nb, size_t smem, int xs_cols) {
-  constexpr int kV = 16 / static_cast<int>(sizeof(T));
-  const int64_t n_batch = x2d.size(0);
-  const int64_t in = x2d.size(1);
-  const int64_t out = values.size(0);
-  const int64_t row_len = values.size(1);
-
-  const bool vec = aligned(values.data_ptr(), 16) && aligned(indices.data_ptr(), kV);
-  const int vec_len = vec ? kV : 1;
-  // Aligned chunks per row (at most; rows with a misaligned start have one fewer).
-  const int chunks = static_cast<int>(row_len / vec_len);
-  const int group = std::min(32, next_pow2(std::max(1, static_cast<int>(
-                                                          (chunks + kGatherUnroll - 1) /
-                                                          kGatherUnroll))));
-  const int passes = (chunks + group * kGatherUnroll - 1) / (group * kGatherUnroll);
-
-  GatherParams p;
-  p.x = x2d.data_ptr();
-  p.values = values.data_ptr();
-  p.indices = indices.data_ptr<uint8_t>();
-  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  p.y = y.data_ptr();
-  p.n_batch = static_cast<int>(n_batch);
-  p.in_features = static_cast<int>(in);
-  p.out_features = static_cast<int>(out);
-  p.row_len = static_cast<int>(row_len);
-  p.k = static_cast<int>(k);
-  p.bank_size = static_cast<int>(bank_size);
-  p.k_magic = div_magic(static_cast<uint32_t>(k));
-  p.xs_cols = xs_cols;
-  p.log2_group = log2_int(group);
-  p.passes = passes;
-  p.x_vec_ok = aligned(p.x, 16) && in % kV == 0;
-
-  const GatherKernel kernel = gather_kernel_for<T>(vec, nb);
-  const auto* props = at::cuda::getCurrentDeviceProperties();
-  const int device = x2d.get_device();
-  const int resident = blocks_per_sm(kernel, device, smem, props->sharedMemPerBlockOptin) *
-                       props->multiProcessorCount;
-  const int64_t batch_chunks = (n_batch + nb - 1) / nb;
-  TORCH_CHECK(batch_chunks <= 65535, "balanced_linear (CUDA): batch ", n_batch,
-              " too large for the gather kernel");
-  const int64_t rows_per_block = (kGatherThreads / 32) * (32 / group);
-  const int64_t blocks_needed = (out + rows_per_block - 1) / rows_per_block;
-  // Persistent grid: about as many blocks as are resident at once, split over batch chunks.
-  const int64_t grid_x =
-      std::max<int64_t>(1, std::min<int64_t>(blocks_needed, (resident + batch_chunks - 1) /
-                                                                 batch_chunks));
-  const dim3 grid(static_cast<unsigned>(grid_x), static_cast<unsigned>(batch_chunks));
-  kernel<<<grid, kGatherThreads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T>
@@ -185,25 +85,30 @@ at::Tensor run_typed(const at::Tensor& x2d, const at::Tensor& values, const at::
                      int64_t in_features) {
   const int64_t n_batch = x2d.size(0);
   const int64_t out = values.size(0);
-  const int64_t n_banks = ceil_div(in_features, bank_size);
-  // Staged x columns: every uint8 index of every bank lands inside (zeros past in_features).
-  const int64_t xs_cols = (n_banks - 1) * bank_size + 256;
-  const size_t smem_optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
-
+  const size_t limit = smem_optin();
+  auto smem_for = [&](int b) { return gather_smem_bytes(in_features, bank_size, b, sizeof(T)); };
   int nb = n_batch == 1 ? 1 : n_batch == 2 ? 2 : n_batch <= 4 ? 4 : 8;
-  auto smem_for = [&](int b) {
-    return static_cast<size_t>((xs_cols * b * static_cast<int64_t>(sizeof(T)) + 15) / 16 * 16);
-  };
-  while (nb > 1 && smem_for(nb) > smem_optin) nb /= 2;
-  const bool fits = smem_for(nb) <= smem_optin;
+  while (nb > 1 && smem_for(nb) > limit) nb /= 2;
+  const bool fits = smem_for(nb) <= limit;
 
   if (!fits || n_batch >= dense_min_batch(k, bank_size, sizeof(T))) {
     at::Tensor dense = unpack_dense<T>(values, indices, k, bank_size, in_features);
     return at::linear(x2d, dense, bias);
   }
   at::Tensor y = at::empty({n_batch, out}, x2d.options());
-  launch_gather<T>(x2d, values, indices, bias, y, k, bank_size, nb, smem_for(nb),
-                   static_cast<int>(xs_cols));
+  GatherParams p{};
+  p.x = x2d.data_ptr();
+  p.values = values.data_ptr();
+  p.indices = indices.data_ptr<uint8_t>();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.y = y.data_ptr();
+  p.n_batch = static_cast<int>(n_batch);
+  p.in_features = static_cast<int>(in_features);
+  p.out_features = static_cast<int>(out);
+  p.row_len = static_cast<int>(values.size(1));
+  p.k = static_cast<int>(k);
+  p.bank_size = static_cast<int>(bank_size);
+  launch_gather<T>(p, nb, /*lstm=*/false, /*max_group=*/32, x2d.get_device());
   return y;
 }
 

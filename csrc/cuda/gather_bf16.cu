@@ -5,8 +5,8 @@
 namespace bs_lightning::cuda {
 
 template <>
-GatherKernel gather_kernel_for<__nv_bfloat16>(bool vec, int nb) {
-  return select_gather_kernel<__nv_bfloat16>(vec, nb);
+GatherKernel gather_kernel_for<__nv_bfloat16>(bool vec, int nb, bool lstm) {
+  return select_gather_kernel<__nv_bfloat16>(vec, nb, lstm);
 }
 
 }  // namespace bs_lightning::cuda

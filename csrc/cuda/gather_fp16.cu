@@ -5,8 +5,8 @@
 namespace bs_lightning::cuda {
 
 template <>
-GatherKernel gather_kernel_for<__half>(bool vec, int nb) {
-  return select_gather_kernel<__half>(vec, nb);
+GatherKernel gather_kernel_for<__half>(bool vec, int nb, bool lstm) {
+  return select_gather_kernel<__half>(vec, nb, lstm);
 }
 
 }  // namespace bs_lightning::cuda

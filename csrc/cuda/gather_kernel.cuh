@@ -22,6 +22,11 @@
 //   inside the chunk the bank advances every k entries.
 // - fp32 accumulation; lanes of a group combine with warp shuffles; every (n, row) output with
 //   n < n_batch and row < out_features is written exactly once.
+// - LSTM mode (kLstm, the fused time step of an LSTM layer): the rows are W_hh's 4H gate
+//   rows (PyTorch order i, f, g, o) and x is h. Logical row q maps to gate q % 4 of unit
+//   q / 4, so the 4 consecutive groups of a quad (G <= 8) hold the 4 gates of one unit; after
+//   the reduction they are shuffled into the quad's first group, which adds the step's input
+//   projection, applies the gate nonlinearities and writes h' and c' (no y).
 #pragma once
 
 #include "device_utils.cuh"
@@ -48,7 +53,15 @@ struct GatherParams {
   int log2_group;  // G = 1 << log2_group lanes per row
   int passes;      // ceil(max aligned chunks per row / (G * kGatherUnroll))
   bool x_vec_ok;   // x rows can be read with 16-byte loads
+  // LSTM mode only (out_features = 4 * hidden, in_features = hidden, x = h):
+  const void* gates_x;  // [n_batch, 4 * hidden] input projection of this step (+ bias)
+  const void* c_in;     // [n_batch, hidden]
+  void* h_out;          // [n_batch, hidden]
+  void* c_out;          // [n_batch, hidden]
+  int hidden;
 };
+
+__device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
 
 // acc[n] += w * xs[col][n] for the kNB batch values of one staged column.
 template <typename T, int kNB>
@@ -163,7 +176,7 @@ __device__ __forceinline__ RowSplit split_row(int row, int row_len) {
   return s;
 }
 
-template <typename T, int kVec, int kNB>
+template <typename T, int kVec, int kNB, bool kLstm>
 __global__ void __launch_bounds__(kGatherThreads)
     balanced_gather_kernel(const GatherParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -197,6 +210,15 @@ __global__ void __launch_bounds__(kGatherThreads)
   // shuffles below always have the whole warp.
   int row_base = (blockIdx.x * kWarps + warp) * rows_per_warp;
   const int row_stride = gridDim.x * kWarps * rows_per_warp;
+  // Logical row q -> weight row (LSTM mode: gate q % 4 of unit q / 4). Rows past the end
+  // stay past the end, so `< out` keeps meaning "valid".
+  auto weight_row = [&](int q) {
+    if constexpr (kLstm) {
+      return q < out ? (q & 3) * p.hidden + (q >> 2) : q;
+    } else {
+      return q;
+    }
+  };
 
   // Two register sets: while one set's chunks are summed, the other set's loads are in
   // flight (pass p + 1 of this row, or pass 0 of the next row).
@@ -259,14 +281,14 @@ __global__ void __launch_bounds__(kGatherThreads)
   };
 
   // First row's loads go out before x is staged, so the two overlap.
-  load_pass(wv_a, iv_a, row_base + group, 0);
+  load_pass(wv_a, iv_a, weight_row(row_base + group), 0);
   stage_x<T, kNB>(xs, x, p, n0, nb_valid);
   __syncthreads();
 
   for (; row_base < out; row_base += row_stride) {
-    const int row = row_base + group;
+    const int row = weight_row(row_base + group);
     const bool row_ok = row < out;
-    const int next_row = row_base + row_stride + group;
+    const int next_row = weight_row(row_base + row_stride + group);
     float acc[kNB];
 #pragma unroll
     for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
@@ -291,7 +313,32 @@ __global__ void __launch_bounds__(kGatherThreads)
       for (int off = G >> 1; off > 0; off >>= 1)
         acc[n] += __shfl_xor_sync(0xffffffffu, acc[n], off);
     }
-    if (row_ok) {
+    if constexpr (kLstm) {
+      // Gate sums of this quad's unit, from the quad's 4 groups (same lane g in each).
+      const int quad_lane = (lane & ~(4 * G - 1)) + g;
+      const bool cell_lane = (group & 3) == 0 && row_ok;
+      const int unit = (row_base + group) >> 2;
+      const T* gx = static_cast<const T*>(p.gates_x);
+      const T* c_in = static_cast<const T*>(p.c_in);
+#pragma unroll
+      for (int n = 0; n < kNB; ++n) {
+        const float gi = __shfl_sync(0xffffffffu, acc[n], quad_lane);
+        const float gf = __shfl_sync(0xffffffffu, acc[n], quad_lane + G);
+        const float gg = __shfl_sync(0xffffffffu, acc[n], quad_lane + 2 * G);
+        const float go = __shfl_sync(0xffffffffu, acc[n], quad_lane + 3 * G);
+        if (cell_lane && (n & (G - 1)) == g && n < nb_valid) {
+          const size_t gate_off = static_cast<size_t>(n0 + n) * 4 * p.hidden + unit;
+          const size_t state = static_cast<size_t>(n0 + n) * p.hidden + unit;
+          const float i = sigmoid_f(gi + to_float(gx[gate_off]));
+          const float f = sigmoid_f(gf + to_float(gx[gate_off + p.hidden]));
+          const float c_new = f * to_float(c_in[state]) +
+                              i * tanhf(gg + to_float(gx[gate_off + 2 * p.hidden]));
+          const float o = sigmoid_f(go + to_float(gx[gate_off + 3 * p.hidden]));
+          static_cast<T*>(p.c_out)[state] = from_float<T>(c_new);
+          static_cast<T*>(p.h_out)[state] = from_float<T>(o * tanhf(c_new));
+        }
+      }
+    } else if (row_ok) {
       const float b = bias != nullptr ? to_float(bias[row]) : 0.f;
       // Lane g stores batch columns n with n % G == g (compile-time register indices).
 #pragma unroll
@@ -306,30 +353,35 @@ __global__ void __launch_bounds__(kGatherThreads)
 using GatherKernel = void (*)(GatherParams);
 
 // The kernel for dtype T: 16-byte chunks when `vec` (base pointers aligned), else scalar
-// loads; kNB = nb batch columns per block (1, 2, 4 or 8). Each dtype's kernels are compiled
-// in their own translation unit (gather_<dtype>.cu) so the build runs them in parallel.
+// loads; kNB = nb batch columns per block (1, 2, 4 or 8; LSTM mode: 1 or 8). Each dtype's
+// kernels are compiled in their own translation unit (gather_<dtype>.cu) so the build runs
+// them in parallel.
 template <typename T>
-GatherKernel gather_kernel_for(bool vec, int nb);
+GatherKernel gather_kernel_for(bool vec, int nb, bool lstm);
 template <>
-GatherKernel gather_kernel_for<float>(bool vec, int nb);
+GatherKernel gather_kernel_for<float>(bool vec, int nb, bool lstm);
 template <>
-GatherKernel gather_kernel_for<__half>(bool vec, int nb);
+GatherKernel gather_kernel_for<__half>(bool vec, int nb, bool lstm);
 template <>
-GatherKernel gather_kernel_for<__nv_bfloat16>(bool vec, int nb);
+GatherKernel gather_kernel_for<__nv_bfloat16>(bool vec, int nb, bool lstm);
 
 // Definition used by gather_<dtype>.cu.
 template <typename T>
-GatherKernel select_gather_kernel(bool vec, int nb) {
+GatherKernel select_gather_kernel(bool vec, int nb, bool lstm) {
   constexpr int kV = 16 / static_cast<int>(sizeof(T));
+  if (lstm) {
+    if (nb == 1) return vec ? balanced_gather_kernel<T, kV, 1, true> : balanced_gather_kernel<T, 1, 1, true>;
+    return vec ? balanced_gather_kernel<T, kV, 8, true> : balanced_gather_kernel<T, 1, 8, true>;
+  }
   switch (nb) {
     case 1:
-      return vec ? balanced_gather_kernel<T, kV, 1> : balanced_gather_kernel<T, 1, 1>;
+      return vec ? balanced_gather_kernel<T, kV, 1, false> : balanced_gather_kernel<T, 1, 1, false>;
     case 2:
-      return vec ? balanced_gather_kernel<T, kV, 2> : balanced_gather_kernel<T, 1, 2>;
+      return vec ? balanced_gather_kernel<T, kV, 2, false> : balanced_gather_kernel<T, 1, 2, false>;
     case 4:
-      return vec ? balanced_gather_kernel<T, kV, 4> : balanced_gather_kernel<T, 1, 4>;
+      return vec ? balanced_gather_kernel<T, kV, 4, false> : balanced_gather_kernel<T, 1, 4, false>;
     default:
-      return vec ? balanced_gather_kernel<T, kV, 8> : balanced_gather_kernel<T, 1, 8>;
+      return vec ? balanced_gather_kernel<T, kV, 8, false> : balanced_gather_kernel<T, 1, 8, false>;
   }
 }
 
