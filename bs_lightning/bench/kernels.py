@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +52,9 @@ CPU_TARGETS = {
     ("11008x4096", 8): 6.0,
 }
 CONTENDERS = ["dense", "balanced", "csr", "semi_2to4"]
+# CPU clocks: wall time, or the calling thread's CPU time (needs --threads 1; immune to the
+# time slices other processes take on a shared machine)
+CLOCKS = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -89,7 +93,8 @@ def bytes_moved(name: str, out: int, inn: int, batch: int, es: int, extra: dict)
 def time_contenders(fns: dict, device: torch.device, args) -> dict[str, float]:
     """Seconds per call of each callable (CPU interleaved medians, CUDA graph replays)."""
     if device.type == "cpu":
-        return interleaved_medians(fns, reps=args.reps, budget_s=args.budget)
+        clock = CLOCKS[args.clock]
+        return interleaved_medians(fns, reps=args.reps, budget_s=args.budget, clock=clock)
     results = {}
     for name, fn in fns.items():
         results[name] = cuda_graph_us(fn, calls_per_graph=args.graph_calls, reps=args.reps) * 1e-6
@@ -274,6 +279,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bank-size", type=int, default=32)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument(
+        "--threads", type=int, default=None, help="CPU intra-op threads (default: torch's)"
+    )
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="CPU timer; thread-cpu needs --threads 1 (for loaded shared machines)",
+    )
     p.add_argument("--reps", type=int, default=15, help="timed rounds (CPU) or replays (CUDA)")
     p.add_argument(
         "--budget",
@@ -300,11 +314,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--sparsities: {exc}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda needs a CUDA GPU")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.clock == "thread-cpu" and args.threads != 1:
+        p.error("--clock thread-cpu measures one thread: use it with --threads 1")
     return args
 
 
 def run(args: argparse.Namespace) -> dict:
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     ops.load()
     torch.manual_seed(args.seed)
     copy_bw = copy_bandwidth(device)
@@ -318,7 +338,7 @@ def run(args: argparse.Namespace) -> dict:
         f"CUDA events around replays of a CUDA graph of {args.graph_calls} calls, median of "
         f"{args.reps}"
         if device.type == "cuda"
-        else f"interleaved rounds (perf_counter), median of up to {args.reps} rounds "
+        else f"interleaved rounds ({args.clock} clock), median of up to {args.reps} rounds "
         f"(at least 3; no new round after {args.budget:.0f}s per row)"
     )
     return {
@@ -349,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         args.out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{result['meta']['device_slug']}-{dt.date.today().isoformat()}"
+        if args.clock != "wall":
+            stem += f"-{args.clock}"
         (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
         (args.out_dir / f"{stem}.md").write_text(md)
         print(f"wrote {args.out_dir / stem}.json and .md")

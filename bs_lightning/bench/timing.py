@@ -25,6 +25,7 @@ def interleaved_medians(
     warmup: int = 2,
     budget_s: float = 20.0,
     min_reps: int = 3,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds (CPU).
 
@@ -36,6 +37,9 @@ def interleaved_medians(
             `min_reps` rounds always run), so slow contenders (CSR at low sparsity, large
             batches) do not stall a sweep.
         min_reps: rounds that always run.
+        clock: `time.perf_counter` (wall clock, default) or `time.thread_time` (CPU time of
+            the calling thread: with one intra-op thread it counts only the cycles the call
+            used, not the time other processes held the cores).
 
     Returns:
         name -> median seconds.
@@ -49,9 +53,9 @@ def interleaved_medians(
     for rep in range(reps):
         # rotate the order so no contender always runs right after the same one
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
         if rep + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break
     return {name: statistics.median(ts) for name, ts in times.items()}
