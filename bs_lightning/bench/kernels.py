@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from bs_lightning import ops
+from bs_lightning.bench.cuda_contenders import cuda_contenders
 from bs_lightning.bench.timing import (
     copy_bandwidth,
     cuda_graph_us,
@@ -83,22 +85,29 @@ def bytes_moved(name: str, out: int, inn: int, batch: int, es: int, extra: dict)
     io = batch * (inn + out) * es
     if name == "dense":
         return out * inn * es + io
-    if name == "balanced":
+    if name.startswith("balanced"):  # also the forced CUDA paths
         return extra["nnz_slots"] * (es + 1) + io  # values + uint8 indices
     if name == "csr":
         return extra["nnz"] * (es + extra["csr_index_bytes"]) + (out + 1) * 8 + io
     return out * inn * es // 2 + out * inn // 16 + io  # 2:4: half the values + 2-bit metadata
 
 
-def time_contenders(fns: dict, device: torch.device, args) -> dict[str, float]:
-    """Seconds per call of each callable (CPU interleaved medians, CUDA graph replays)."""
+def time_contenders(fns: dict, device: torch.device, args) -> tuple[dict, dict]:
+    """Seconds per call of each callable (CPU interleaved medians, CUDA graph replays).
+
+    Returns `(seconds, errors)`: on CUDA a contender whose graph capture fails (e.g. a
+    library call that cannot be captured) lands in `errors` instead of stopping the sweep.
+    """
     if device.type == "cpu":
         clock = CLOCKS[args.clock]
-        return interleaved_medians(fns, reps=args.reps, budget_s=args.budget, clock=clock)
-    results = {}
+        return interleaved_medians(fns, reps=args.reps, budget_s=args.budget, clock=clock), {}
+    seconds, errors = {}, {}
     for name, fn in fns.items():
-        results[name] = cuda_graph_us(fn, calls_per_graph=args.graph_calls, reps=args.reps) * 1e-6
-    return results
+        try:
+            seconds[name] = cuda_graph_us(fn, args.graph_calls, reps=args.reps) * 1e-6
+        except Exception as exc:
+            errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return seconds, errors
 
 
 def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> list[dict]:
@@ -133,6 +142,11 @@ def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> lis
             errors["semi_2to4"] = f"{type(semi).__name__}: {semi}"
         elif semi is not None:
             fns["semi_2to4"] = lambda x=x: F.linear(x, semi)
+        if device.type == "cuda":
+            # weights rotated past the L2 cache, and the op forced to each side of its batch
+            # crossover (see cuda_contenders.py)
+            plain_csr = None if isinstance(csr, Exception) else csr
+            fns.update(cuda_contenders(x, w, values, indices, bank, plain_csr, args.graph_calls))
         for name in list(fns):  # a contender that fails its first call is reported, not timed
             try:
                 fns[name]()
@@ -142,7 +156,10 @@ def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> lis
         # the benchmark runs the real code path: check it computes the same product
         y_dense = fns["dense"]().float()
         rel_err = ((fns["balanced"]().float() - y_dense).abs().max() / y_dense.abs().max()).item()
-        seconds = time_contenders(fns, device, args)
+        seconds, timing_errors = time_contenders(fns, device, args)
+        errors.update(timing_errors)
+        if "dense" not in seconds:
+            raise RuntimeError(f"dense F.linear could not be timed: {errors['dense']}")
         es = torch.empty((), dtype=dtype).element_size()
         row = {
             "shape": f"{out}x{inn}",
@@ -212,6 +229,7 @@ def to_markdown(result: dict) -> str:
         f"- torch {meta['torch']}, dtype {meta['dtype']}, bank {meta['bank_size']}, "
         f"balanced backend `{meta['backend']}`",
         f"- timing: {meta['timing']}",
+        f"- machine load (1-min load average, start/end): {meta['load_average']}",
         f"- copy bandwidth (same run): {meta['copy_bandwidth_gbs']:.1f} GB/s; "
         "'floor' = achieved bytes/s over it",
         "",
@@ -327,10 +345,11 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     ops.load()
     torch.manual_seed(args.seed)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     copy_bw = copy_bandwidth(device)
     rows = []
     for out, inn in args.shapes:
-        weight = torch.randn(out, inn)
+        weight = torch.randn(out, inn, device=device)  # masks and packing run on the device
         for sparsity in args.sparsities:
             rows += bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw)
         del weight
@@ -355,6 +374,9 @@ def run(args: argparse.Namespace) -> dict:
             "backend": ops.backend(device),
             "timing": timing,
             "copy_bandwidth_gbs": copy_bw / 1e9,
+            # runnable processes on the machine (1-minute load average) at start and end:
+            # far above the core count, wall-clock times mostly measure waiting for a core
+            "load_average": [load_before, os.getloadavg()[0] if load_before is not None else None],
         },
         "rows": rows,
         "targets": check_targets(rows, device, dtype, args.bank_size),
