@@ -4,13 +4,16 @@ Converted: `nn.Linear`, `nn.Conv2d`, `nn.LSTM` (exact types: a subclass may comp
 something else in its forward) and Hugging Face GPT-2 `Conv1D`. Everything else stays
 dense, in particular `nn.MultiheadAttention` (its forward reads `in_proj_weight` and
 `out_proj.weight` directly in `F.multi_head_attention_forward`, so it would need a
-re-implemented attention; its `out_proj` is left alone too).
+re-implemented attention; its `out_proj` is left alone too) and everything inside an
+`nn.TransformerEncoderLayer` (its eval-mode fast path, and `nn.TransformerEncoder`'s, pass
+`linear1.weight`/`linear2.weight` to a fused kernel). Pruned layers left dense this way are
+listed in one warning.
 
 Bank size and keep-count of each weight matrix, in order of preference:
 1. `module._bs_lightning_banks[param_name] = (bank_size, k)`, recorded by
    `BalancedPruningCallback` (docs/ARCHITECTURE.md section 5);
-2. the `bank_size=` argument, with `k` read from the zeros (`infer_keep_count`);
-3. both read from the zeros (`infer_bank_layout`: every bank size 2..256 is tried, the one
+2. else the `bank_size=` argument, with `k` read from the zeros (`infer_keep_count`);
+3. else both read from the zeros (`infer_bank_layout`: every bank size 2..256 is tried, the one
    packing the matrix smallest wins, ties to the smaller bank; a bank counts as balanced
    when more than half of the banks hold the largest count and none holds more, so
    kept weights that are zero by chance do not break it).
@@ -34,6 +37,11 @@ from bs_lightning.nn.lstm import lstm_weight_names
 from bs_lightning.sparsity.params import is_transposed, matrix_view
 
 __all__ = ["convert_to_sparse"]
+
+# Kept dense with all their children: attention reads its weights directly, and
+# TransformerEncoderLayer/TransformerEncoder's fused inference fast path reads
+# `linear1.weight`/`linear2.weight` directly.
+_KEEP_DENSE = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 _EXACT_TYPES = {
     nn.Linear: BalancedSparseLinear,
@@ -59,7 +67,7 @@ def _layout(module: nn.Module, param_name: str, bank_size: int | None, name: str
     """`(bank_size, k)` of one weight matrix (see the module docstring for the order)."""
     where = name if param_name == "weight" else f"{name}.{param_name}"
     record = getattr(module, "_bs_lightning_banks", {}).get(param_name)
-    if record is not None and (bank_size is None or record[0] == bank_size):
+    if record is not None:
         return tuple(record)
     matrix = matrix_view(module, param_name).detach()  # [out, in]
     if matrix.shape[1] < 2:
@@ -114,18 +122,18 @@ def convert_to_sparse(
     unsupported: list[str] = []
     replacements: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
-        if any(name.startswith(p) for p in skip):
-            continue
-        if isinstance(module, nn.MultiheadAttention):
-            skip.append(name + ".")
-            if getattr(module, "_bs_lightning_banks", None):
-                unsupported.append(name)
+        label = name or type(module).__name__
+        pruned = bool(getattr(module, "_bs_lightning_banks", None))
+        if any(name.startswith(p) for p in skip) or isinstance(module, _KEEP_DENSE):
+            if isinstance(module, _KEEP_DENSE):
+                skip.append(name + ".")
+            if pruned:
+                unsupported.append(label)
             continue
         if _sparse_type(module) is None:
-            if getattr(module, "_bs_lightning_banks", None):
-                unsupported.append(name or type(module).__name__)
+            if pruned:
+                unsupported.append(label)
             continue
-        label = name or type(module).__name__
         try:
             sparse = _convert_one(module, bank_size, label)
         except ValueError as err:

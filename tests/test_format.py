@@ -5,7 +5,14 @@ import random
 import pytest
 import torch
 
-from bs_lightning.nn.format import bank_counts, infer_keep_count, pack_balanced, unpack_balanced
+from bs_lightning.nn.format import (
+    bank_counts,
+    check_bank_size,
+    infer_bank_layout,
+    infer_keep_count,
+    pack_balanced,
+    unpack_balanced,
+)
 from bs_lightning.sparsity.masks import balanced_mask, balanced_mask_k, bank_layout
 
 
@@ -41,11 +48,11 @@ def test_short_bank_narrower_than_k_repeats_an_index_with_zero_value():
     # L=9, B=8, k=4: the last bank has one column, keeps 1, padded to 4 entries
     m = torch.zeros(2, 9)
     m[:, [0, 2, 4, 6]] = torch.tensor([1.0, 2, 3, 4])
-    m[0, 8] = 7.0
+    m[:, 8] = torch.tensor([7.0, 5.0])
     values, indices, k = pack_balanced(m, 8)
     assert k == 4
     assert indices[:, 4:].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
-    assert values[:, 4:].tolist() == [[7.0, 0, 0, 0], [0, 0, 0, 0]]
+    assert values[:, 4:].tolist() == [[7.0, 0, 0, 0], [5.0, 0, 0, 0]]
     assert torch.equal(unpack_balanced(values, indices, 8, 9), m)
 
 
@@ -100,6 +107,30 @@ def test_bank_counts():
     assert full.tolist() == [[2, 1]]
     assert last.tolist() == [1]
     assert bank_counts(m[:, :6], 3)[1] is None
+    with pytest.raises(ValueError, match=r"must be 2-D \[out, in\]"):
+        bank_counts(m[0], 3)
+    with pytest.raises(ValueError, match=r"bank_size=8 .* longer than a row \(7 columns\)"):
+        bank_counts(m, 8)
+
+
+def test_check_bank_size():
+    assert check_bank_size(256, 300) == 256
+    with pytest.raises(
+        ValueError, match=r"bank_size of layer 'fc' must be an integer in \[1, 256\]"
+    ):
+        check_bank_size(257, 300, "fc")
+    with pytest.raises(ValueError, match=r"use a bank_size in \[1, 12\]"):
+        check_bank_size(16, 12)
+
+
+def test_short_banks_must_mostly_hold_their_keep_count():
+    # L=10, B=4, k=1: short banks (r=2) keep 1; three of four rows hold none there
+    m = torch.zeros(4, 10)
+    m[:, 0] = 1.0
+    m[:, 4] = 2.0
+    m[0, 9] = 3.0
+    with pytest.raises(ValueError, match="only 1 of 4 short last banks hold their keep-count 1"):
+        infer_keep_count(m, 4)
 
 
 def test_unbalanced_matrix_raises():
@@ -168,3 +199,48 @@ def test_unpack_shape_errors():
     bad[0, -1] = 7
     with pytest.raises(ValueError, match=r"point past the row end \(in_features=29\)"):
         unpack_balanced(values, bad, 8, 29)
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "bank", "sparsity"),
+    [
+        (64, 100, 32, 0.9),  # short last bank of 4 columns
+        (64, 256, 8, 0.25),  # mildly sparse: at bank 2 it looks dense with chance zeros
+        (64, 256, 4, 0.5),  # 2:4
+        (64, 300, 25, 0.8),
+        (16, 64, 64, 0.5),  # one bank per row
+        (32, 512, 256, 0.97),
+        (3, 27, 9, 0.75),  # few rows
+    ],
+)
+def test_infer_bank_layout_finds_the_pruning_bank(rows, cols, bank, sparsity):
+    pruned = _pruned(rows, cols, bank, sparsity)
+    assert infer_bank_layout(pruned) == (bank, round(bank * (1 - sparsity)))
+
+
+def test_infer_bank_layout_tolerates_chance_zeros():
+    pruned = _pruned(32, 128, 16, 0.75)
+    kept = pruned.nonzero()
+    pruned[kept[::40, 0], kept[::40, 1]] = 0  # one kept weight in 40 becomes 0
+    assert infer_bank_layout(pruned) == (16, 4)
+    values, indices, _ = pack_balanced(pruned, 16)
+    assert torch.equal(unpack_balanced(values, indices, 16, 128), pruned)
+
+
+def test_infer_bank_layout_of_dense_matrix_is_dense():
+    bank, k = infer_bank_layout(torch.randn(8, 50))
+    assert k == bank
+
+
+def test_infer_bank_layout_errors():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(64, 128, generator=g)
+    m[torch.rand(64, 128, generator=g) < 0.9] = 0
+    with pytest.raises(
+        ValueError, match=r"layer 'fc' of shape \(64, 128\) is balanced at no bank size in 2..128"
+    ):
+        infer_bank_layout(m, name="fc")
+    with pytest.raises(ValueError, match="all zeros"):
+        infer_bank_layout(torch.zeros(4, 16))
+    with pytest.raises(ValueError, match=r"must be 2-D \[out, in\] with out >= 1 and in >= 2"):
+        infer_bank_layout(torch.ones(4, 1))

@@ -120,6 +120,14 @@ def _count_rule(full, last, length: int, bank_size: int) -> tuple[int, str | Non
                 f"it is not balanced at bank_size={bank_size}, k={k}: a short last bank "
                 f"holds {int(last.max())} nonzeros, more than its keep-count {k_last}"
             )
+        # the short banks follow the same majority rule; without it a bank size a little
+        # shorter than a whole-row bank would pass (its full banks lose what the tail holds)
+        at_k_last = int((last == k_last).sum())
+        if 2 * at_k_last <= last.numel():
+            return k, (
+                f"it is not balanced at bank_size={bank_size}, k={k}: only {at_k_last} of "
+                f"{last.numel()} short last banks hold their keep-count {k_last}"
+            )
     return k, None
 
 
@@ -128,8 +136,9 @@ def infer_keep_count(matrix: torch.Tensor, bank_size: int, name: str | None = No
 
     Rule: `k` is the largest nonzero count of a full bank. The matrix counts as balanced at
     `bank_size` when more than half of its full banks hold exactly `k` nonzeros (the others
-    hold fewer: kept weights that are zero by chance) and the short last bank holds at most
-    its keep-count `bank_layout(in, B, k)[1]`. A dense matrix is balanced with `k == B`.
+    hold fewer: kept weights that are zero by chance) and, with a short last bank, no short
+    bank holds more than its keep-count `k_last = bank_layout(in, B, k)[1]` and more than
+    half hold exactly `k_last`. A dense matrix is balanced with `k == B`.
 
     Args:
         matrix: `[out, in]` matrix view.
@@ -153,13 +162,14 @@ def infer_keep_count(matrix: torch.Tensor, bank_size: int, name: str | None = No
 def infer_bank_layout(matrix: torch.Tensor, name: str | None = None) -> tuple[int, int]:
     """Bank size and keep-count of a balanced matrix, read from its zeros.
 
-    Every bank size `B` in `2..min(in, 256)` is tried with the rule of `infer_keep_count`.
-    Among the bank sizes where the matrix is balanced, the one with the smallest packed row
-    (`ceil(in / B) * k` entries) wins, then the smallest `B`. Why: a multiple of the pruner's
-    bank size is balanced too, with the same packed size, so the smallest one is the
-    pruner's; at a wrong smaller bank size a mildly sparse matrix can look dense with zeros
-    by chance (`k == B`), which the smallest packed size rules out. Any bank size this picks
-    packs the matrix exactly; the callback's record (`_bs_lightning_banks`) avoids guessing.
+    Bank sizes `B = 2, 3, ..., min(in, 256)` are tried in order with the rule of
+    `infer_keep_count`; the first one where the matrix is balanced *and sparse* (`k < B`)
+    wins. Why the smallest: a multiple of the pruner's bank size (up to the whole row) is
+    balanced too, so the smallest is the pruner's. Why sparse: at a bank size smaller than
+    the pruner's, a mildly sparse matrix can look dense with a few zeros by chance
+    (`k == B`); such readings are skipped. A matrix with no sparse reading but a dense one is
+    dense. Whatever this picks packs the matrix exactly; the callback's record
+    (`_bs_lightning_banks`) avoids guessing.
 
     Args:
         matrix: `[out, in]` matrix view with `in >= 2`.
@@ -181,7 +191,7 @@ def infer_bank_layout(matrix: torch.Tensor, name: str | None = None) -> tuple[in
     # prefix sums of the nonzeros of each row: the count of any bank is one subtraction
     nnz = torch.zeros(rows, length + 1, dtype=torch.int32, device=matrix.device)
     torch.cumsum(matrix != 0, dim=1, dtype=torch.int32, out=nnz[:, 1:])
-    best = None  # (packed row width, bank_size, k)
+    dense = None  # first bank size whose reading is dense (k == B)
     for bank_size in range(2, min(length, MAX_BANK_SIZE) + 1):
         n_full = length // bank_size
         edges = torch.arange(0, (n_full + 1) * bank_size, bank_size, device=matrix.device)
@@ -189,17 +199,18 @@ def infer_bank_layout(matrix: torch.Tensor, name: str | None = None) -> tuple[in
         full = at_edges[:, 1:] - at_edges[:, :-1]  # [out, n_full]
         last = nnz[:, length] - at_edges[:, -1] if length % bank_size else None
         k, reason = _count_rule(full, last, length, bank_size)
-        width = -(-length // bank_size) * k
-        if reason is None and (best is None or width < best[0]):
-            best = (width, bank_size, k)
-    if best is None:
+        if reason is None:
+            if k < bank_size:
+                return bank_size, k
+            dense = dense or (bank_size, k)
+    if dense is None:
         if int(nnz[:, length].sum()) == 0:
             raise ValueError(f"matrix{_where(name)} is all zeros; it has no balanced pattern")
         raise ValueError(
             f"matrix{_where(name)} of shape {tuple(matrix.shape)} is balanced at no bank size "
             f"in 2..{min(length, MAX_BANK_SIZE)}: some banks hold more nonzeros than most"
         )
-    return best[1], best[2]
+    return dense
 
 
 def pack_balanced(

@@ -315,8 +315,13 @@ class BalancedSparseLSTM(BalancedSparseModule):
         return dense.train(self.training)
 
     def extra_repr(self) -> str:
+        banks = {bank for _, _, bank, _ in self._layouts.values()}
+        keeps = {k for _, _, _, k in self._layouts.values()}
+        # one number when every matrix shares it, else the mapping per weight matrix
+        bank_size = banks.pop() if len(banks) == 1 else self.bank_size
+        k = keeps.pop() if len(keeps) == 1 else self.k
         return (
             f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, "
             f"bias={self.has_bias}, batch_first={self.batch_first}, dropout={self.dropout}, "
-            f"bidirectional={self.bidirectional}, bank_size={self.bank_size}, k={self.k}"
+            f"bidirectional={self.bidirectional}, bank_size={bank_size}, k={k}"
         )

@@ -1,0 +1,195 @@
+"""convert_to_sparse on small models: callback output, inferred layouts, strict/non-strict."""
+
+import pytest
+import torch
+from conftest import random_loader
+from lightning.pytorch import Trainer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from bs_lightning import BalancedPruningCallback, convert_to_sparse
+from bs_lightning.nn import (
+    BalancedSparseConv1D,
+    BalancedSparseConv2d,
+    BalancedSparseLinear,
+    BalancedSparseLSTM,
+)
+from bs_lightning.nn.lstm import lstm_weight_names
+from bs_lightning.sparsity import balanced_mask, matrix_to_param, matrix_view
+
+
+class Mixed(nn.Module):
+    """Conv2d -> LSTM -> GPT-2 Conv1D -> Linear -> dense head. Input `[B, 3, 4, 4]`."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)  # rows of 27 columns
+        self.lstm = nn.LSTM(16, 32, num_layers=2, batch_first=True, bidirectional=True)
+        self.proj = Conv1D(48, 64)
+        self.fc = nn.Linear(48, 40)
+        self.head = nn.Linear(40, 3)
+
+    def forward(self, x):
+        h = self.conv(x).flatten(2).transpose(1, 2)  # [B, 16, 16]
+        h, _ = self.lstm(h)  # [B, 16, 64]
+        return self.head(self.fc(self.proj(h.contiguous())))
+
+
+# (bank, sparsity) per pruned layer: several bank sizes, one with a short last bank
+PLAN = {"conv": (9, 0.75), "lstm": (16, 0.875), "proj": (32, 0.9), "fc": (12, 0.5)}
+
+
+def _prune(model: nn.Module, record: bool = False) -> nn.Module:
+    with torch.no_grad():
+        for layer, (bank, sparsity) in PLAN.items():
+            module = getattr(model, layer)
+            names = (
+                lstm_weight_names(module.num_layers, module.bidirectional)
+                if isinstance(module, nn.LSTM)
+                else ["weight"]
+            )
+            for name in names:
+                matrix = matrix_view(module, name)
+                mask = balanced_mask(matrix, sparsity, bank)
+                getattr(module, name).mul_(matrix_to_param(module, name, mask))
+                if record:
+                    k = round(bank * (1 - sparsity))
+                    module.__dict__.setdefault("_bs_lightning_banks", {})[name] = (bank, k)
+    return model
+
+
+def _mixed(record=False):
+    torch.manual_seed(0)
+    return _prune(Mixed(), record).eval()
+
+
+def test_inferred_layouts_and_same_outputs():
+    model = _mixed()
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    assert convert_to_sparse(model) is model
+    assert type(model.conv) is BalancedSparseConv2d
+    assert type(model.lstm) is BalancedSparseLSTM
+    assert type(model.proj) is BalancedSparseConv1D
+    assert type(model.fc) is BalancedSparseLinear
+    assert type(model.head) is nn.Linear  # dense layers stay dense
+    assert (model.conv.bank_size, model.conv.k) == (9, 2)
+    assert model.lstm._layouts["weight_hh_l1_reverse_"] == (128, 32, 16, 2)
+    assert (model.proj.bank_size, model.proj.k) == (32, 3)
+    assert (model.fc.bank_size, model.fc.k) == (12, 6)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_recorded_layout_wins_over_inference():
+    model = _mixed(record=True)
+    # a multiple of the bank size is also a valid record: it must be used as recorded
+    model.fc._bs_lightning_banks["weight"] = (24, 12)
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    convert_to_sparse(model)
+    assert (model.fc.bank_size, model.fc.k) == (24, 12)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_bank_size_override():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(balanced_mask(model[0].weight, 0.75, 8))
+    convert_to_sparse(model, bank_size=16)
+    assert (model[0].bank_size, model[0].k) == (16, 4)
+    assert type(model[2]) is nn.Linear
+
+
+def test_after_callback_fit(tiny_zoo):
+    pruner = BalancedPruningCallback(sparsity=0.75, bank_size=8, frequency=2, end_step=4)
+    trainer = Trainer(
+        max_epochs=1,
+        callbacks=[pruner],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(tiny_zoo, random_loader())
+    model = tiny_zoo.eval()
+    x = torch.randn(3, 2, 6, 6)
+    expected = model(x)
+    stay = r"\['encoder.self_attn', 'encoder.self_attn.out_proj', 'encoder.linear1', 'encoder.linear2'\]"
+    with pytest.warns(UserWarning, match="without a sparse module stay dense: " + stay):
+        convert_to_sparse(model)
+    assert type(model.conv) is BalancedSparseConv2d
+    assert type(model.lstm) is BalancedSparseLSTM
+    assert type(model.proj) is BalancedSparseConv1D
+    assert type(model.head) is BalancedSparseLinear
+    # the encoder layer's fused fast path reads linear1.weight: everything inside stays dense
+    assert type(model.encoder.linear1) is nn.Linear
+    assert type(model.encoder.self_attn) is nn.MultiheadAttention
+    assert (
+        type(model.encoder.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    )
+    assert model.lstm._layouts["weight_ih_l1_reverse_"][2:] == (8, 2)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def _unstructured(model):
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        model.fc.weight[torch.rand(model.fc.weight.shape, generator=g) < 0.9] = 0
+    return model
+
+
+def test_strict_raises_naming_the_layer():
+    model = _unstructured(_mixed(record=True))
+    del model.fc._bs_lightning_banks  # the others keep their records, which bank_size= leaves alone
+    with pytest.raises(
+        ValueError, match=r"layer 'fc' \(Linear\) cannot be converted: .*balanced at no bank size"
+    ):
+        convert_to_sparse(model)
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'fc' \(Linear\) cannot be converted: .*not balanced at bank_size=12",
+    ):
+        convert_to_sparse(model, bank_size=12)
+    assert type(model.conv) is nn.Conv2d  # a failed strict conversion changes nothing
+
+
+def test_non_strict_leaves_unbalanced_layer_dense():
+    model = _unstructured(_mixed())
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x)
+    convert_to_sparse(model, strict=False)
+    assert type(model.fc) is nn.Linear
+    assert type(model.conv) is BalancedSparseConv2d and type(model.proj) is BalancedSparseConv1D
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_model_is_unchanged():
+    torch.manual_seed(0)
+    model = Mixed()
+    modules = dict(model.named_modules())
+    convert_to_sparse(model)
+    assert dict(model.named_modules()) == modules
+
+
+def test_root_layer_is_returned_converted():
+    linear = nn.Linear(32, 8).half()
+    with torch.no_grad():
+        linear.weight.mul_(balanced_mask(linear.weight, 0.9, 32))
+    sparse = convert_to_sparse(linear)
+    assert type(sparse) is BalancedSparseLinear
+    assert sparse.values.dtype == torch.float16 and (sparse.bank_size, sparse.k) == (32, 3)
+
+
+def test_subclasses_and_attention_stay_dense():
+    class MyLinear(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"mine": MyLinear(16, 16), "attn": nn.MultiheadAttention(16, 2)})
+    with torch.no_grad():
+        for weight in (model.mine.weight, model.attn.in_proj_weight, model.attn.out_proj.weight):
+            weight.mul_(balanced_mask(weight, 0.5, 8))
+    convert_to_sparse(model)
+    assert type(model.mine) is MyLinear
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear

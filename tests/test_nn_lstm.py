@@ -1,0 +1,153 @@
+"""BalancedSparseLSTM against the masked nn.LSTM."""
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import bs_lightning.nn.lstm as lstm_module
+from bs_lightning.nn import BalancedSparseLSTM
+from bs_lightning.nn.lstm import lstm_weight_names
+from bs_lightning.sparsity import balanced_mask
+
+
+def _pruned_lstm(bank, sparsity, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(**kwargs).eval()
+    with torch.no_grad():
+        for name in lstm_weight_names(lstm.num_layers, lstm.bidirectional):
+            weight = getattr(lstm, name)
+            weight.mul_(balanced_mask(weight, sparsity, bank))
+    return lstm
+
+
+def _assert_same(got, expected):
+    (out, (h, c)), (out_ref, (h_ref, c_ref)) = got, expected
+    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h, h_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c, c_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "bank", "sparsity", "batch"),
+    [
+        (dict(input_size=20, hidden_size=16), 8, 0.75, 1),
+        (dict(input_size=24, hidden_size=32, num_layers=2, bidirectional=True), 8, 0.5, 3),
+        (dict(input_size=40, hidden_size=32, num_layers=3, batch_first=True), 16, 0.9, 5),
+        (
+            dict(input_size=32, hidden_size=48, bidirectional=True, batch_first=True, bias=False),
+            16,
+            0.8,
+            2,
+        ),
+    ],
+)
+def test_matches_masked_lstm(kwargs, bank, sparsity, batch):
+    lstm = _pruned_lstm(bank, sparsity, **kwargs)
+    sparse = BalancedSparseLSTM.from_dense(lstm, bank).eval()
+    steps = 6
+    shape = (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
+    x = torch.randn(shape)
+    _assert_same(sparse(x), lstm(x))
+    directions = 2 if lstm.bidirectional else 1
+    h0 = torch.randn(lstm.num_layers * directions, batch, lstm.hidden_size)
+    c0 = torch.randn_like(h0)
+    _assert_same(sparse(x, (h0, c0)), lstm(x, (h0, c0)))
+    # unbatched input and state
+    x1 = x[0] if lstm.batch_first else x[:, 0]
+    _assert_same(sparse(x1, (h0[:, 0], c0[:, 0])), lstm(x1, (h0[:, 0], c0[:, 0])))
+    # non-contiguous input
+    x_nc = torch.randn(shape[::-1]).permute(2, 1, 0)
+    _assert_same(sparse(x_nc), lstm(x_nc))
+
+
+def test_one_product_for_the_input_and_one_per_step(monkeypatch):
+    lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, num_layers=2, bidirectional=True)
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8)
+    shapes = []
+    real = lstm_module.balanced_linear
+
+    def counting(x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(lstm_module, "balanced_linear", counting)
+    steps, batch = 5, 3
+    sparse(torch.randn(steps, batch, 16))
+    # per layer and direction: the whole sequence at once, then one [B, H] x [4H, H] per step
+    first = [(steps, batch, 16)] + [(batch, 16)] * steps
+    second = [(steps, batch, 32)] + [(batch, 16)] * steps
+    assert shapes == first * 2 + second * 2
+
+
+def test_per_matrix_bank_sizes_and_to_dense():
+    lstm = nn.LSTM(6, 32, num_layers=2).eval()
+    banks = {name: (6 if name == "weight_ih_l0" else 32) for name in lstm_weight_names(2, False)}
+    with torch.no_grad():
+        for name, bank in banks.items():
+            weight = getattr(lstm, name)
+            weight.mul_(balanced_mask(weight, 0.5, bank))
+    sparse = BalancedSparseLSTM.from_dense(lstm, banks)
+    assert sparse._layouts["weight_ih_l0_"] == (128, 6, 6, 3)
+    assert sparse._layouts["weight_hh_l1_"] == (128, 32, 32, 16)
+    x = torch.randn(4, 2, 6)
+    _assert_same(sparse(x), lstm(x))
+    dense = sparse.to_dense()
+    assert type(dense) is nn.LSTM and not dense.training
+    for name in banks:
+        assert torch.equal(getattr(dense, name), getattr(lstm, name)), name
+    _assert_same(dense(x), lstm(x))
+
+
+def test_from_dense_with_sparsity():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(16, 16)
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8, sparsity=0.75)
+    expected = lstm.weight_hh_l0 * balanced_mask(lstm.weight_hh_l0, 0.75, 8)
+    assert torch.equal(sparse.to_dense().weight_hh_l0, expected)
+
+
+def test_state_dict_round_trip_and_layout_error():
+    lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, bidirectional=True)
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8)
+    assert "bias_l0_reverse" in sparse.state_dict() and "bias_ih_l0" not in sparse.state_dict()
+    buffer = io.BytesIO()
+    torch.save(sparse.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    rebuilt = BalancedSparseLSTM(16, 16, bank_size=8, k=2, bidirectional=True)
+    rebuilt.load_state_dict(state)
+    x = torch.randn(3, 2, 16)
+    _assert_same(rebuilt(x), sparse(x))
+    model = nn.ModuleDict({"rnn": BalancedSparseLSTM(16, 16, 16, 4, bidirectional=True)})
+    with pytest.raises(RuntimeError, match=r"layer 'rnn': weight_ih_l0_layout .*\(64, 16, 8, 2\)"):
+        model.load_state_dict({"rnn." + k: v for k, v in state.items()})
+
+
+def test_errors():
+    with pytest.raises(TypeError, match="expects an nn.LSTM, got GRU"):
+        BalancedSparseLSTM.from_dense(nn.GRU(4, 4), 4)
+    with pytest.raises(ValueError, match="LSTM 'rnn' has proj_size=4"):
+        BalancedSparseLSTM.from_dense(nn.LSTM(8, 8, proj_size=4), 4, name="rnn")
+    with pytest.raises(
+        ValueError, match="bank_size of BalancedSparseLSTM has no entry for 'weight_hh_l0'"
+    ):
+        BalancedSparseLSTM(8, 8, {"weight_ih_l0": 4}, 2)
+    unstructured = nn.LSTM(8, 8)
+    with torch.no_grad():
+        unstructured.weight_ih_l0[
+            torch.rand(32, 8, generator=torch.Generator().manual_seed(0)) < 0.7
+        ] = 0
+    with pytest.raises(ValueError, match=r"layer 'rnn.weight_ih_l0'.*not balanced at bank_size=4"):
+        BalancedSparseLSTM.from_dense(unstructured, 4, name="rnn")
+    sparse = BalancedSparseLSTM(8, 8, 4, 2, num_layers=2)
+    with pytest.raises(ValueError, match=r"input of BalancedSparseLSTM must be \[T, B, 8\]"):
+        sparse(torch.randn(3, 2, 5))
+    with pytest.raises(
+        ValueError, match=r"hx of BalancedSparseLSTM must be two tensors of shape \(2, 2, 8\)"
+    ):
+        sparse(torch.randn(3, 2, 8), (torch.zeros(1, 2, 8), torch.zeros(1, 2, 8)))
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(3, 2, 8), [3, 2])
+    with pytest.raises(TypeError, match="does not take a PackedSequence"):
+        sparse(packed)
