@@ -346,7 +346,7 @@ def run(args: argparse.Namespace) -> dict:
     ops.load()
     torch.manual_seed(args.seed)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    copy_bw = copy_bandwidth(device)
+    copy_bw = copy_bandwidth(device, clock=CLOCKS[args.clock])
     rows = []
     for out, inn in args.shapes:
         weight = torch.randn(out, inn, device=device)  # masks and packing run on the device

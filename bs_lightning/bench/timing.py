@@ -94,15 +94,24 @@ def cuda_graph_us(
     return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3 / calls_per_graph
 
 
-def copy_bandwidth(device: torch.device, nbytes: int = COPY_BUFFER_BYTES, reps: int = 10) -> float:
-    """Bytes per second of `dst.copy_(src)` (read + write counted) on `device`."""
+def copy_bandwidth(
+    device: torch.device,
+    nbytes: int = COPY_BUFFER_BYTES,
+    reps: int = 10,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Bytes per second of `dst.copy_(src)` (read + write counted) on `device`.
+
+    On the CPU `clock` must be the one the contenders are timed with.
+    """
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     if device.type == "cuda":
         us = cuda_graph_us(lambda: dst.copy_(src), calls_per_graph=5, reps=reps)
         seconds = us * 1e-6
     else:
-        seconds = interleaved_medians({"copy": lambda: dst.copy_(src)}, reps=reps)["copy"]
+        copy = {"copy": lambda: dst.copy_(src)}
+        seconds = interleaved_medians(copy, reps=reps, clock=clock)["copy"]
     return 2 * src.numel() * 4 / seconds
 
 
