@@ -186,3 +186,18 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(sparse, backend="aot_eager", fullgraph=True)
     x = torch.randn(3, 128)
     torch.testing.assert_close(compiled(x), linear(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_at_most_twice_pytorch(dtype):
+    # flash-attention's rule: against an fp32 reference, the sparse layer's error is at most
+    # about twice that of PyTorch's own F.linear at the same precision
+    linear = _pruned_linear(512, 96, 32, 0.875, dtype=dtype)
+    sparse = BalancedSparseLinear.from_dense(linear, 32)
+    assert sparse.values.dtype == dtype
+    x = torch.randn(9, 512).to(dtype)
+    exact = F.linear(x.float(), linear.weight.float(), linear.bias.float())
+    err_sparse = (sparse(x).float() - exact).abs().max()
+    err_torch = (linear(x).float() - exact).abs().max()
+    assert sparse(x).dtype == dtype
+    assert err_sparse <= 2 * err_torch + 1e-3, (err_sparse, err_torch)
