@@ -1,0 +1,109 @@
+"""Kernel benchmark plumbing: argument checks, byte counts, targets, report (no timing here)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bs_lightning.bench import cli, kernels
+
+
+def test_parse_shape():
+    assert kernels.parse_shape("11008x4096") == (11008, 4096)
+    with pytest.raises(argparse.ArgumentTypeError, match="OUTxIN like 4096x4096, got '4096'"):
+        kernels.parse_shape("4096")
+
+
+def test_default_grid_is_the_issue_grid():
+    args = kernels.parse_args([])
+    assert args.shapes == [(4096, 4096), (11008, 4096), (4096, 11008), (6000, 3000), (4096, 25088)]
+    assert args.sparsities == [0.5, 0.75, 0.875, 0.9, 0.95]
+    assert args.batches == [1, 8, 64, 256]
+    assert args.bank_size == 32 and args.device == "cpu" and args.clock == "wall"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--bank-size", "300"], "--bank-size must be in 1..256, got 300"),
+        (["--sparsities", "0.99"], "keeps round"),
+        (["--clock", "thread-cpu"], "use it with --threads 1"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        kernels.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_bytes_moved_per_format():
+    # 100 x 64 layer, batch 2, fp32: x and y are 2 * (64 + 100) * 4 bytes
+    io = 2 * (64 + 100) * 4
+    assert kernels.bytes_moved("dense", 100, 64, 2, 4, {}) == 100 * 64 * 4 + io
+    # values (4 bytes) + one uint8 index per stored entry
+    assert kernels.bytes_moved("balanced", 100, 64, 2, 4, {"nnz_slots": 800}) == 800 * 5 + io
+    csr = {"nnz": 700, "csr_index_bytes": 8}
+    assert kernels.bytes_moved("csr", 100, 64, 2, 4, csr) == 700 * 12 + 101 * 8 + io
+
+
+def row(shape, sparsity_target, batch, speedup):
+    return {
+        "shape": shape,
+        "sparsity_target": sparsity_target,
+        "sparsity": 1 - 3 / 32,
+        "batch": batch,
+        "time_us": {"dense": 100.0 * speedup, "balanced": 100.0},
+        "speedup_vs_dense": {"dense": 1.0, "balanced": speedup},
+        "bytes_floor_fraction": {"dense": 0.5, "balanced": 0.25},
+        "errors": {"csr": "RuntimeError: no CSR for this dtype"},
+    }
+
+
+def test_targets_and_markdown():
+    import torch
+
+    rows = [
+        row("4096x4096", 0.9, 1, 6.5),
+        row("11008x4096", 0.9, 1, 7.0),
+        row("11008x4096", 0.5, 1, 9.0),  # not a target row (50%)
+        row("6000x3000", 0.9, 1, 2.0),  # not a target shape
+    ]
+    targets = kernels.check_targets(rows, torch.device("cpu"), torch.float32, 32)
+    assert [(t["shape"], t["batch"], t["met"]) for t in targets] == [
+        ("4096x4096", 1, True),
+        ("11008x4096", 1, False),
+    ]
+    assert kernels.check_targets(rows, torch.device("cpu"), torch.bfloat16, 32) == []
+    result = {
+        "meta": {
+            "device_slug": "cpu-2core",
+            "date": "2026-01-01T00:00:00+00:00",
+            "machine": "test CPU",
+            "threads": 2,
+            "torch": "x",
+            "dtype": "float32",
+            "bank_size": 32,
+            "backend": "compiled-cpu",
+            "timing": "interleaved",
+            "load_average": [1.0, 1.0],
+            "copy_bandwidth_gbs": 10.0,
+        },
+        "rows": rows,
+        "targets": targets,
+    }
+    md = kernels.to_markdown(result)
+    assert "| 4096x4096 | 90.6% | 1 | 650.0 | 100.0 | - | - | 6.50x | - | 50% | 25% |" in md
+    assert "- 11008x4096 batch 1: 7.00x (target 8x) MISSED" in md
+    assert "- csr: RuntimeError: no CSR for this dtype" in md
+
+
+def test_cli_dispatch(capsys):
+    assert cli.main([]) == 2
+    assert cli.main(["nope"]) == 2
+    assert "usage: bs-bench {kernels}" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["kernels", "--help"])
+    assert exc.value.code == 0
+    assert "python -m bs_lightning.bench kernels" in capsys.readouterr().out
