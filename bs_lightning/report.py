@@ -52,7 +52,8 @@ def write_run_report(run_dir: str | Path, metrics: dict) -> None:
         f"| model | {name} | latency (ms) | speedup |",
         "|---|---|---|---|",
         f"| dense baseline | {_fmt(metrics['dense'], 4)} | | |",
-        f"| pruned, dense kernels | {_fmt(metrics['pruned'], 4)} | {_fmt(lat['dense_ms'], 3)} | 1.00 |",
+        f"| {'trained' if _is_dense(metrics) else 'pruned'}, dense kernels | "
+        f"{_fmt(metrics['pruned'], 4)} | {_fmt(lat['dense_ms'], 3)} | 1.00 |",
         f"| converted, sparse kernels | {_fmt(metrics['converted'], 4)} | "
         f"{_fmt(lat['converted_ms'], 3)} | {_fmt(lat['speedup'])} |",
         "",
