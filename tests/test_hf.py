@@ -27,7 +27,7 @@ from bs_lightning.hf import load_sparse, prune_and_convert, save_sparse
 from bs_lightning.hf.io import MARKER_FILE, WEIGHTS_FILE
 from bs_lightning.hf.prune import prune_balanced_
 from bs_lightning.hf.select import select_layers
-from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseLinear
+from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseConv2d, BalancedSparseLinear
 
 VOCAB = 96
 SEQ = 12
@@ -389,6 +389,16 @@ def test_sparsity_none_leaves_unpruned_layers_dense():
         BalancedSparseLinear
     )
     assert type(model.get_submodule("bert.encoder.layer.0.output.dense")) is nn.Linear
+
+
+def test_save_other_sparse_module_names_it():
+    model = prune_and_convert(tiny_bert(), 0.5, bank_size=8)
+    conv = nn.Conv2d(2, 8, 3)
+    model.bert.extra = BalancedSparseConv2d.from_dense(conv, bank_size=9, sparsity=0.5)
+    with pytest.raises(
+        TypeError, match=r"cannot save sparse layers \['bert.extra \(BalancedSparseConv2d\)'\]"
+    ):
+        save_sparse(model, "unused")
 
 
 def test_save_unconverted_model():

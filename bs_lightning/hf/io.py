@@ -27,8 +27,10 @@ import transformers
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from bs_lightning import __version__
 from bs_lightning.hf.select import LINEAR_LIKE
 from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseLinear
+from bs_lightning.nn.base import BalancedSparseModule
 
 __all__ = [
     "MARKER_FILE",
@@ -74,6 +76,9 @@ def _common(entries: dict[str, dict], key: str):
 def dedupe_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Drops tensors that share storage with an earlier key (tied weights).
 
+    Args:
+        state: a state dict, e.g. `model.state_dict()`.
+
     Returns:
         `(unique_state, tied)` where `tied[dropped_key] = kept_key`.
     """
@@ -100,19 +105,27 @@ def save_sparse(model: transformers.PreTrainedModel, path: str | Path) -> Path:
         The folder as a `Path`.
 
     Raises:
-        TypeError: when `model` is not a `transformers.PreTrainedModel`.
+        TypeError: when `model` is not a `transformers.PreTrainedModel`, or holds a sparse
+            module other than `BalancedSparseLinear` / `BalancedSparseConv1D` (naming it).
         ValueError: when `model` has no sparse layer (convert it first).
     """
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"model must be a transformers.PreTrainedModel, got {type(model).__name__}")
+    other = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if isinstance(m, BalancedSparseModule) and type(m).__name__ not in SPARSE_TYPES
+    ]
+    if other:
+        raise TypeError(
+            f"cannot save sparse layers {other}: load_sparse rebuilds only {sorted(SPARSE_TYPES)}"
+        )
     layers = {n: _layer_entry(m) for n, m in sparse_layers(model).items()}
     if not layers:
         raise ValueError(
             f"{type(model).__name__} has no balanced sparse layer "
             f"({', '.join(SPARSE_TYPES)}); call bs_lightning.hf.prune_and_convert first"
         )
-    from bs_lightning import __version__
-
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(model.config)
