@@ -118,7 +118,7 @@ def test_cli_reports_an_unknown_recipe_clearly():
         [sys.executable, "-m", "bs_lightning.train", "recipe=nope"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=600,
     )
     assert result.returncode != 0
     assert "Could not find 'recipe/nope'" in result.stderr
