@@ -48,10 +48,12 @@ def test_lstm_step_loop_replays_like_eager(dtype, batch):
         out, (h, c) = runner(x)
         with torch.no_grad():
             ref_out, (ref_h, ref_c) = lstm(x)
-        # Same kernels, same order: replay equals eager.
-        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
-        torch.testing.assert_close(h, ref_h, rtol=0, atol=0)
-        torch.testing.assert_close(c, ref_c, rtol=0, atol=0)
+        # Same kernels in the same order; only cuBLAS (the input projection may take the
+        # dense path) may pick another algorithm under capture: rounding-level differences.
+        tol = {"rtol": 0, "atol": 1e-5 if dtype == torch.float32 else 2e-3}
+        torch.testing.assert_close(out, ref_out, **tol)
+        torch.testing.assert_close(h, ref_h, **tol)
+        torch.testing.assert_close(c, ref_c, **tol)
     with pytest.raises(ValueError, match=r"input 0 has shape \(5, 1, 64\)"):
         runner(torch.randn(5, 1, 64, device="cuda", dtype=dtype))
     with pytest.raises(ValueError, match="expected 1 inputs, got 2"):
