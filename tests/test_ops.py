@@ -160,6 +160,16 @@ def test_other_dtypes(dtype, batch):
     assert_close_to_dense(op(x, values, indices, 32, 200, bias), x, weight, bias, seed, str(dtype))
 
 
+def test_one_dimensional_input():
+    seed = fresh_seed()
+    weight, values, indices = make_case(19, 64, 16, 0.75)
+    x = torch.randn(64)
+    y = op(x, values, indices, 16, 64, None)
+    assert y.shape == (19,)
+    assert_close_to_dense(y, x, weight, None, seed)
+    assert op(x.to("meta"), values.to("meta"), indices.to("meta"), 16, 64, None).shape == (19,)
+
+
 def test_empty_batch_and_empty_output():
     _, values, indices = make_case(5, 64, 32, 0.9)
     assert op(torch.randn(0, 64), values, indices, 32, 64, None).shape == (0, 5)
