@@ -213,7 +213,11 @@ def run(args) -> dict:
                 if isinstance(fn, Exception):
                     entry["errors"][name] = f"{type(fn).__name__}: {fn}"[:300]
                 elif device.type == "cuda":
-                    entry["times_us"][name] = round(time_cuda_us(fn, args.reps, args.warmup), 2)
+                    try:
+                        us = time_cuda_us(fn, args.reps, args.warmup)
+                        entry["times_us"][name] = round(us, 2)
+                    except Exception as exc:  # recorded, the other variants still run
+                        entry["errors"][name] = f"{type(exc).__name__}: {exc}"[:300]
                 else:
                     fn()  # dry run: exercise the path once
         if device.type == "cuda":
