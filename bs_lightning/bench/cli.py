@@ -11,6 +11,7 @@ from importlib import import_module
 # subcommand -> module with main(argv)
 COMMANDS = {
     "kernels": "bs_lightning.bench.kernels",
+    "lstm": "bs_lightning.bench.lstm_e2e",
 }
 
 
