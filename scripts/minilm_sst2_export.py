@@ -16,8 +16,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from bs_lightning.hf import load_sparse, prune_and_convert, save_sparse
 from bs_lightning.hf.io import sparse_layers
@@ -35,13 +35,14 @@ def main() -> None:
     p.add_argument("--bank-size", type=int, default=None, help="default: the run's")
     args = p.parse_args()
 
-    config = yaml.safe_load((args.run / ".hydra" / "config.yaml").read_text())
+    # the run's composed config; data.tokenizer interpolates model.pretrained
+    config = OmegaConf.load(args.run / ".hydra" / "config.yaml")
     ckpt = torch.load(
         args.run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False
     )
     model = HFSequenceClassifier(**ckpt["hyper_parameters"]).eval()
     model.load_state_dict(ckpt["state_dict"])
-    datamodule = instantiate(config["data"], _convert_="all")
+    datamodule = instantiate(config.data, _convert_="all")
     datamodule.setup("test")
     x, _ = next(iter(datamodule.test_dataloader()))  # [64, t]
     with torch.inference_mode():
@@ -50,7 +51,7 @@ def main() -> None:
         model.net.save_pretrained(tmp)
         dense_bytes = _folder_bytes(Path(tmp))
 
-    bank = args.bank_size or config["pruning"]["bank_size"]
+    bank = args.bank_size or config.pruning.bank_size
     prune_and_convert(model.net, None, bank_size=bank)
     save_sparse(model.net, args.out)
     loaded = load_sparse(args.out)
