@@ -182,13 +182,11 @@ def render_markdown(summary: dict, title: str) -> str:
         "speedup = measured latency of the dense model / the converted balanced model.",
         "",
     ]
-    header = ["sparsity"] + patterns + ["balanced speedup"]
+    header = ["sparsity", "dense"] + patterns + ["balanced speedup"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append(
-        "| 0 (dense) | " + " | ".join([_fmt(summary["dense"])] + [""] * len(patterns)) + " |"
-    )
+    lines.append("| 0 | " + " | ".join([_fmt(summary["dense"])] + [""] * len(patterns)) + " | |")
     for s in summary["sparsities"]:
-        row = [f"{s:g}"]
+        row = [f"{s:g}", ""]
         for p in patterns:
             cell = summary["cells"].get(f"{p}@{s}")
             row.append(_fmt(cell["metric"]) if cell else "")
@@ -209,7 +207,7 @@ def render_markdown(summary: dict, title: str) -> str:
     for r in summary["runs"]:
         lat = r["latency"]
         lines.append(
-            f"| {r['dir']} | {r['pattern']} | {r['sparsity']} | {_fmt(r['effective_sparsity'], 3)} "
+            f"| {r['dir']} | {'dense' if _is_dense(r) else r['pattern']} | {r['sparsity']} | {_fmt(r['effective_sparsity'], 3)} "
             f"| {_fmt(r['pruned'])} | {_fmt(r['converted'])} | {_fmt(lat['dense_ms'], 3)} | "
             f"{_fmt(lat['converted_ms'], 3)} | {_fmt(lat['speedup'])} | {_fmt(r['wall_time_s'], 1)} |"
         )
