@@ -186,8 +186,11 @@ def _build_and_load() -> tuple[str, bool]:
     build_dir = cache_root() / build_tag({**args, "cuda_home": home})
     lib = build_dir / f"{LIB_NAME}.so"
     if lib.is_file():
-        torch.ops.load_library(str(lib))
-        return str(lib), args["with_cuda"]
+        try:
+            torch.ops.load_library(str(lib))
+            return str(lib), args["with_cuda"]
+        except OSError:
+            pass  # another process is still linking it: wait for its build lock below
     if os.environ.get("BS_LIGHTNING_NO_BUILD") == "1":
         raise RuntimeError(f"no cached library at {lib} and BS_LIGHTNING_NO_BUILD=1")
     # Imported only to build: importing it logs a notice on machines without a GPU.

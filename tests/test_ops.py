@@ -111,6 +111,16 @@ def test_batch_4096(sparsity):
     assert_close_to_dense(op(x, values, indices, 32, 160, bias), x, weight, bias, seed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_layer_in_column_chunks(dtype):
+    # 9000 columns at bank 8: the batch-64 tile kernel splits each row into column chunks
+    seed = fresh_seed()
+    weight, values, indices = make_case(24, 9000, 8, 0.75, dtype)
+    bias = torch.randn(24).to(dtype)
+    x = torch.randn(64, 9000).to(dtype)
+    assert_close_to_dense(op(x, values, indices, 8, 9000, bias), x, weight, bias, seed)
+
+
 def test_two_threads_split_rows():
     seed = fresh_seed()
     weight, values, indices = make_case(203, 300, 32, 0.9)

@@ -138,11 +138,14 @@ struct FloatVec<16> {
   typedef float type __attribute__((vector_size(64)));
 };
 
-// Rows [o0, o0 + R) against one tile; writes out[b0 + l, o] for the tile's nb valid lanes.
-template <typename V, typename O, int L, int NV, int R>
+// Rows [o0, o0 + R) against one tile, entries [j_begin, j_end) of each row (whole banks):
+// out[b0 + l, o] (fp32) for the tile's nb valid lanes is set to bias + partial sum when
+// j_begin == 0, else the partial sum is added to it.
+template <typename V, int L, int NV, int R>
 inline void tile_rows(const V* values, const uint8_t* indices, const int32_t* bank_start,
-                      int64_t width, const float* xt, int64_t o0, const float* bias, O* out,
-                      int64_t out_features, int64_t b0, int64_t nb) {
+                      int64_t width, int64_t j_begin, int64_t j_end, const float* xt, int64_t o0,
+                      const float* bias, float* out, int64_t out_features, int64_t b0,
+                      int64_t nb) {
   using vec = typename FloatVec<L>::type;
   constexpr int64_t TB = int64_t{L} * NV;
   vec acc[R][NV];
@@ -153,9 +156,9 @@ inline void tile_rows(const V* values, const uint8_t* indices, const int32_t* ba
     vr[r] = values + (o0 + r) * width;
     ir[r] = indices + (o0 + r) * width;
 #pragma GCC unroll 16
-    for (int n = 0; n < NV; ++n) acc[r][n] = vec{} ;
+    for (int n = 0; n < NV; ++n) acc[r][n] = vec{};
   }
-  for (int64_t j = 0; j < width; ++j) {
+  for (int64_t j = j_begin; j < j_end; ++j) {
     const int64_t start = bank_start[j];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
@@ -172,7 +175,8 @@ inline void tile_rows(const V* values, const uint8_t* indices, const int32_t* ba
   for (int r = 0; r < R; ++r) {
     const float b = bias ? bias[o0 + r] : 0.f;
     for (int64_t l = 0; l < nb; ++l) {
-      out[(b0 + l) * out_features + o0 + r] = static_cast<O>(acc[r][l / L][l % L] + b);
+      float& dst = out[(b0 + l) * out_features + o0 + r];
+      dst = (j_begin == 0 ? b : dst) + acc[r][l / L][l % L];
     }
   }
 }
