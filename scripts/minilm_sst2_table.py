@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--convert", nargs="*", default=[], help="NAME=bs-convert-hf --json file")
     p.add_argument("--export", nargs="*", default=[], help="export.json of minilm_sst2_export")
     p.add_argument("--out", type=Path, default=DOCS / "minilm_sst2")
+    p.add_argument("--note", action="append", default=[], help="extra setup line (repeatable)")
     args = p.parse_args()
 
     runs = _load_runs(args.root)
@@ -119,6 +120,7 @@ def main() -> None:
         name, _, file = item.partition("=")
         conversions[name] = json.loads(Path(file).read_text())
     exports = [json.loads(Path(f).read_text()) for f in args.export]
+    setup["notes"] = args.note
     result = {
         "setup": setup,
         "runs": rows,
@@ -149,6 +151,7 @@ def main() -> None:
         f"{setup['bank_size']} (balanced); unstructured = per-layer magnitude pruning.",
         "- Latency: `bs_lightning.evaluate` (median forward pass, batch 1, the longest "
         "test sentence, dense and converted timed in turns in one process).",
+        *[f"- {note}" for note in args.note],
         "",
         "## Results",
         "",
