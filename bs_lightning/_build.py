@@ -7,11 +7,14 @@ the flags, the torch and Python versions and the CPU (the CPU code is built with
 a source gives a new hash, hence a rebuild.
 
 `csrc/ops.cpp` and `csrc/cpu/*.cpp` are always compiled; `csrc/cuda/*.cu` join the same
-library when torch is a CUDA build, `nvcc` is found and `BS_LIGHTNING_NO_CUDA` is not `1`.
+library when torch is a CUDA build, `nvcc` is found, `BS_LIGHTNING_NO_CUDA` is not `1`, and
+either a GPU is visible or `BS_LIGHTNING_BUILD_CUDA=1` asks for them (CI compiles the CUDA
+sources on a machine without a GPU that way; a CPU-only user does not wait for nvcc).
 
 Environment:
     BS_LIGHTNING_CACHE: cache root (default `~/.cache/bs_lightning/kernels`).
     BS_LIGHTNING_NO_CUDA: `1` builds the CPU kernels only.
+    BS_LIGHTNING_BUILD_CUDA: `1` compiles the CUDA kernels even when no GPU is visible.
     BS_LIGHTNING_NO_BUILD: `1` never compiles (loads a cached library if there is one).
     TORCH_CUDA_ARCH_LIST: CUDA architectures (default "8.0;9.0").
 """
@@ -52,6 +55,9 @@ def cuda_home() -> str | None:
     land on a wrapper script outside the toolkit, e.g. `/usr/local/bin/nvcc`).
     """
     if os.environ.get("BS_LIGHTNING_NO_CUDA") == "1" or torch.version.cuda is None:
+        return None
+    # Without a GPU the CUDA kernels could not run: compile them only when asked to.
+    if os.environ.get("BS_LIGHTNING_BUILD_CUDA") != "1" and not torch.cuda.is_available():
         return None
 
     def is_toolkit(home: str | None) -> bool:

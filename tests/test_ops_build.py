@@ -7,6 +7,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
+import torch
 
 from bs_lightning import _build
 
@@ -105,3 +109,22 @@ def test_cuda_sources_and_arch_flags(monkeypatch):
     assert _build.cuda_home() is None
     assert _build._sources()[1] == []
     assert not _build._build_args()["with_cuda"]
+
+
+@pytest.mark.skipif(
+    torch.version.cuda is None or not Path("/usr/local/cuda/bin/nvcc").is_file(),
+    reason="needs torch's CUDA build and the CUDA toolkit at /usr/local/cuda",
+)
+def test_cuda_kernels_compiled_only_with_a_gpu_or_when_asked(monkeypatch):
+    monkeypatch.delenv("BS_LIGHTNING_NO_CUDA", raising=False)
+    monkeypatch.setenv("CUDA_HOME", "/usr/local/cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("BS_LIGHTNING_BUILD_CUDA", raising=False)
+    assert _build.cuda_home() is None
+    assert _build._sources()[1] == []
+    monkeypatch.setenv("BS_LIGHTNING_BUILD_CUDA", "1")
+    assert _build.cuda_home() == "/usr/local/cuda"
+    assert _build._sources()[1], "csrc/cuda/*.cu should be compiled when asked for"
+    monkeypatch.delenv("BS_LIGHTNING_BUILD_CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _build.cuda_home() == "/usr/local/cuda"
