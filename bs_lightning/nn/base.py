@@ -114,6 +114,24 @@ class BalancedSparseModule(nn.Module):
             getattr(self, prefix + "values").copy_(values)
             getattr(self, prefix + "indices").copy_(indices)
 
+    def _take_dense(self, module: nn.Module, values: torch.Tensor, indices: torch.Tensor):
+        """Fills the single weight matrix and the bias from a dense `module`; returns self in
+        `module`'s train/eval mode (the tail of every single-matrix `from_dense`)."""
+        self._fill_compact("", values, indices)
+        if module.bias is not None:
+            with torch.no_grad():
+                self.bias.copy_(module.bias)
+        return self.train(module.training)
+
+    def _give_dense(self, dense: nn.Module, weight: torch.Tensor) -> nn.Module:
+        """Copies `weight` (already in `dense.weight`'s shape) and the bias into `dense`;
+        returns it in this module's train/eval mode (the tail of every `to_dense`)."""
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+            if self.bias is not None:
+                dense.bias.copy_(self.bias)
+        return dense.train(self.training)
+
     def _dense_matrix(self, prefix: str) -> torch.Tensor:
         """The `[out, in]` dense matrix of compact matrix `prefix`."""
         _, in_features, bank_size, _ = self._layouts[prefix]

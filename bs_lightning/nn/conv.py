@@ -199,11 +199,7 @@ class BalancedSparseConv2d(BalancedSparseModule):
             device=weight.device,
             dtype=weight.dtype,
         )
-        sparse._fill_compact("", values, indices)
-        if module.bias is not None:
-            with torch.no_grad():
-                sparse.bias.copy_(module.bias)
-        return sparse.train(module.training)
+        return sparse._take_dense(module, values, indices)
 
     def to_dense(self) -> nn.Conv2d:
         """The equivalent `nn.Conv2d` (pruned weights are exact zeros)."""
@@ -221,11 +217,7 @@ class BalancedSparseConv2d(BalancedSparseModule):
             device=matrix.device,
             dtype=matrix.dtype,
         )
-        with torch.no_grad():
-            dense.weight.copy_(matrix.reshape(dense.weight.shape))
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.train(self.training)
+        return self._give_dense(dense, matrix.reshape(dense.weight.shape))
 
     def extra_repr(self) -> str:
         return (

@@ -108,11 +108,7 @@ class BalancedSparseLinear(BalancedSparseModule):
             device=matrix.device,
             dtype=matrix.dtype,
         )
-        sparse._fill_compact("", values, indices)
-        if module.bias is not None:
-            with torch.no_grad():
-                sparse.bias.copy_(module.bias)
-        return sparse.train(module.training)
+        return sparse._take_dense(module, values, indices)
 
     def to_dense(self) -> nn.Linear:
         """The equivalent `nn.Linear` (pruned weights are exact zeros)."""
@@ -124,11 +120,7 @@ class BalancedSparseLinear(BalancedSparseModule):
             device=weight.device,
             dtype=weight.dtype,
         )
-        with torch.no_grad():
-            dense.weight.copy_(weight)
-            if self.bias is not None:
-                dense.bias.copy_(self.bias)
-        return dense.train(self.training)
+        return self._give_dense(dense, weight)
 
     def extra_repr(self) -> str:
         return (
