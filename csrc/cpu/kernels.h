@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -19,6 +20,7 @@ namespace bs_lightning::cpu {
 
 constexpr int64_t kIndexPad = 256;  // zero rows after x: bank start + any uint8 index fits
 constexpr int kPrefetchBytes = 4096;  // software prefetch distance of the batch-1 streams
+constexpr int64_t kSumBlock = 64;     // entries per inner partial sum of the batch kernel
 
 template <typename V>
 inline float to_float(V v) {
@@ -158,18 +160,35 @@ inline void tile_rows(const V* values, const uint8_t* indices, const int32_t* ba
 #pragma GCC unroll 16
     for (int n = 0; n < NV; ++n) acc[r][n] = vec{};
   }
-  for (int64_t j = j_begin; j < j_end; ++j) {
-    const int64_t start = bank_start[j];
+  // Two-level sum: each block of kSumBlock entries is summed on its own, then added to acc,
+  // so a long row's rounding error grows with kSumBlock + width / kSumBlock, not width
+  // (a plain running sum over thousands of entries lost to torch's blocked GEMM accuracy).
+  for (int64_t jb = j_begin; jb < j_end; jb += kSumBlock) {
+    const int64_t je = std::min(j_end, jb + kSumBlock);
+    vec blk[R][NV];
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
-      const float w = to_float(vr[r][j]);
-      const float* xrow = xt + (start + ir[r][j]) * TB;
 #pragma GCC unroll 16
-      for (int n = 0; n < NV; ++n) {
-        vec xv;
-        std::memcpy(&xv, xrow + n * L, sizeof(vec));
-        acc[r][n] += w * xv;
+      for (int n = 0; n < NV; ++n) blk[r][n] = vec{};
+    }
+    for (int64_t j = jb; j < je; ++j) {
+      const int64_t start = bank_start[j];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const float w = to_float(vr[r][j]);
+        const float* xrow = xt + (start + ir[r][j]) * TB;
+#pragma GCC unroll 16
+        for (int n = 0; n < NV; ++n) {
+          vec xv;
+          std::memcpy(&xv, xrow + n * L, sizeof(vec));
+          blk[r][n] += w * xv;
+        }
       }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 16
+      for (int n = 0; n < NV; ++n) acc[r][n] += blk[r][n];
     }
   }
   for (int r = 0; r < R; ++r) {
