@@ -182,7 +182,9 @@ def cache_root() -> Path:
 
 
 def _op_registered() -> bool:
-    return hasattr(torch.ops, "bs_lightning") and hasattr(torch.ops.bs_lightning, "balanced_linear")
+    return hasattr(torch.ops, "bs_lightning") and all(
+        hasattr(torch.ops.bs_lightning, op) for op in ("balanced_linear", "balanced_linear_tiled")
+    )
 
 
 def _build_and_load() -> tuple[str, bool]:

@@ -16,6 +16,7 @@ builds the kernels now.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -26,16 +27,24 @@ import torch.nn.functional as F
 from bs_lightning import _build
 
 __all__ = [
+    "TILE_ROWS",
     "backend",
     "balanced_linear",
     "balanced_linear_reference",
+    "balanced_linear_tiled",
     "check_inputs",
+    "cpu_tiles_supported",
+    "dense_crossover",
     "load",
+    "pack_tiles",
+    "unpack_tiles",
 ]
 
 # Set to "1" to ignore the compiled op and always run the pure-PyTorch reference.
 FORCE_REFERENCE_ENV = "BS_LIGHTNING_FORCE_REFERENCE"
 MAX_BANK_SIZE = 256  # in-bank indices are uint8
+TILE_ROWS = 16  # rows per tile of the CPU tile layout (fp32 lanes of an AVX-512 register)
+MAX_TILED_BANK = 64  # the tile kernel holds a bank's slice of x in at most 4 registers
 
 
 def check_inputs(
@@ -224,6 +233,177 @@ def balanced_linear(
     return torch.ops.bs_lightning.balanced_linear(x, values, indices, bank_size, in_features, bias)
 
 
+def pack_tiles(values: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compact row-major matrix -> CPU tile layout (`docs/ARCHITECTURE.md` section 3).
+
+    Rows are grouped in tiles of `TILE_ROWS`; within a tile, entry `j` of all its rows is
+    stored contiguously, so the kernel reads 16 values and 16 indices per entry with two wide
+    loads. Rows past `out` are zero padding (value 0, index 0).
+
+    Args:
+        values: `[out, width]` compact values.
+        indices: `[out, width]` uint8 in-bank indices.
+
+    Returns:
+        `(tile_values, tile_indices)`, each `[ceil(out / 16), width, 16]`.
+    """
+    out, width = values.shape
+    n_tiles = -(-out // TILE_ROWS)
+    tiles = []
+    for t in (values, indices):
+        padded = t.new_zeros(n_tiles * TILE_ROWS, width)
+        padded[:out] = t
+        tiles.append(padded.view(n_tiles, TILE_ROWS, width).transpose(1, 2).contiguous())
+    return tiles[0], tiles[1]
+
+
+def unpack_tiles(
+    tile_values: torch.Tensor, tile_indices: torch.Tensor, out_features: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `pack_tiles`: `[n_tiles, width, 16]` pair -> `[out_features, width]` pair."""
+    return tuple(
+        t.transpose(1, 2).reshape(-1, t.size(1))[:out_features].contiguous()
+        for t in (tile_values, tile_indices)
+    )
+
+
+@functools.cache
+def _cpu_isa() -> str:
+    return torch.ops.bs_lightning.cpu_isa()
+
+
+def cpu_tiles_supported(bank_size: int) -> bool:
+    """True when `balanced_linear_tiled` runs a vectorised kernel for this bank size here.
+
+    That needs the compiled library built with AVX-512 (the permute kernel) and a bank of
+    at most 64 columns; elsewhere the row-major kernel of `balanced_linear` is faster.
+    """
+    if os.environ.get(FORCE_REFERENCE_ENV) == "1" or not _build.is_loaded():
+        return False
+    return bank_size <= MAX_TILED_BANK and _cpu_isa() == "avx512"
+
+
+@functools.cache
+def dense_crossover(k: int, bank_size: int) -> int:
+    """Input rows from which a dense GEMM beats the tile kernel (CPU), by `k / bank_size`.
+
+    The rule is measured and lives in the C++ op (`tiled_dense_crossover`); needs `load()`.
+    """
+    return int(torch.ops.bs_lightning.tiled_dense_crossover(k, bank_size))
+
+
+def check_tiled_inputs(
+    x: torch.Tensor,
+    tile_values: torch.Tensor,
+    tile_indices: torch.Tensor,
+    bank_size: int,
+    in_features: int,
+    out_features: int,
+    bias: torch.Tensor | None,
+) -> int:
+    """Validate `balanced_linear_tiled`'s arguments as its C++ checks do; returns `k`."""
+    name = "balanced_linear_tiled"
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    if tile_values.dtype != x.dtype:
+        raise TypeError(
+            f"{name}: values.dtype ({tile_values.dtype}) must equal x.dtype ({x.dtype})"
+        )
+    if tile_indices.dtype != torch.uint8:
+        raise TypeError(f"{name}: indices must be torch.uint8, got {tile_indices.dtype}")
+    if not 1 <= bank_size <= MAX_TILED_BANK:
+        raise ValueError(
+            f"{name}: bank_size must be in 1..{MAX_TILED_BANK} (the tile kernel holds a bank "
+            f"of x in registers), got {bank_size}"
+        )
+    if in_features < 1 or out_features < 1:
+        raise ValueError(
+            f"{name}: in_features and out_features must be >= 1, got {in_features} and "
+            f"{out_features}"
+        )
+    if x.dim() < 1 or x.size(-1) != in_features:
+        raise ValueError(
+            f"{name}: x must have shape [..., in_features={in_features}], got {list(x.shape)}"
+        )
+    n_tiles = -(-out_features // TILE_ROWS)
+    if tile_values.dim() != 3 or tile_values.size(0) != n_tiles or tile_values.size(2) != TILE_ROWS:
+        raise ValueError(
+            f"{name}: values must have shape [ceil(out_features / 16) = {n_tiles}, "
+            f"n_banks * k, 16], got {list(tile_values.shape)}"
+        )
+    if tile_indices.shape != tile_values.shape:
+        raise ValueError(
+            f"{name}: indices shape {list(tile_indices.shape)} must equal values shape "
+            f"{list(tile_values.shape)}"
+        )
+    n_banks = math.ceil(in_features / bank_size)
+    width = tile_values.size(1)
+    if width == 0 or width % n_banks != 0:
+        raise ValueError(
+            f"{name}: values.size(1) ({width}) must be a positive multiple of n_banks = "
+            f"ceil(in_features / bank_size) = {n_banks}"
+        )
+    k = width // n_banks
+    if k > bank_size:
+        raise ValueError(f"{name}: keep-count k = {k} per bank exceeds bank_size = {bank_size}")
+    if tile_values.device != x.device or tile_indices.device != x.device:
+        raise ValueError(
+            f"{name}: x ({x.device}), values ({tile_values.device}) and indices "
+            f"({tile_indices.device}) must be on the same device"
+        )
+    if bias is not None:
+        if bias.dtype != x.dtype:
+            raise TypeError(f"{name}: bias.dtype ({bias.dtype}) must equal x.dtype ({x.dtype})")
+        if bias.dim() != 1 or bias.size(0) != out_features:
+            raise ValueError(
+                f"{name}: bias must have shape [out_features={out_features}], "
+                f"got {list(bias.shape)}"
+            )
+        if bias.device != x.device:
+            raise ValueError(f"{name}: bias ({bias.device}) must be on x's device ({x.device})")
+    return k
+
+
+def balanced_linear_tiled(
+    x: torch.Tensor,
+    tile_values: torch.Tensor,
+    tile_indices: torch.Tensor,
+    bank_size: int,
+    in_features: int,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`balanced_linear` on the CPU tile layout of `pack_tiles`; same result.
+
+    Runs `torch.ops.bs_lightning.balanced_linear_tiled` (CPU) when the library is loaded,
+    else the reference on the unpacked matrix.
+
+    Args:
+        x: `[..., in_features]` on the CPU.
+        tile_values: `[ceil(out_features / 16), n_banks * k, 16]` in `x.dtype`.
+        tile_indices: same shape, uint8.
+        bank_size: columns per bank, 1..64.
+        in_features: columns of the dense matrix.
+        out_features: rows of the dense matrix.
+        bias: `[out_features]` or None.
+
+    Returns:
+        `[..., out_features]` in `x.dtype`.
+
+    Raises:
+        TypeError, ValueError: as `check_tiled_inputs`.
+    """
+    if not torch.compiler.is_compiling():
+        _build.load()
+    if backend(x.device) == "reference":
+        check_tiled_inputs(x, tile_values, tile_indices, bank_size, in_features, out_features, bias)
+        values, indices = unpack_tiles(tile_values, tile_indices, out_features)
+        return balanced_linear_reference(x, values, indices, bank_size, in_features, bias)
+    return torch.ops.bs_lightning.balanced_linear_tiled(
+        x, tile_values, tile_indices, bank_size, in_features, out_features, bias
+    )
+
+
 def _register_fake() -> None:
     """Shape/dtype function for `torch.compile` and meta tensors (runs once the op exists)."""
 
@@ -231,6 +411,11 @@ def _register_fake() -> None:
     def _(x, values, indices, bank_size, in_features, bias=None):
         check_inputs(x, values, indices, bank_size, in_features, bias)
         return x.new_empty(*x.shape[:-1], values.size(0))
+
+    @torch.library.register_fake("bs_lightning::balanced_linear_tiled")
+    def _(x, values, indices, bank_size, in_features, out_features, bias=None):
+        check_tiled_inputs(x, values, indices, bank_size, in_features, out_features, bias)
+        return x.new_empty(*x.shape[:-1], out_features)
 
 
 _build.on_load("register_fake", _register_fake)

@@ -97,4 +97,10 @@ inline at::Tensor unpack_balanced_dense(const at::Tensor& values, const at::Tens
       .scatter_add_(1, columns, values);
 }
 
+namespace cpu {
+// csrc/cpu/balanced_linear_tiled_cpu.cpp
+std::string cpu_isa();
+int64_t tiled_dense_crossover(int64_t k, int64_t bank_size);
+}  // namespace cpu
+
 }  // namespace bs_lightning

@@ -3,8 +3,19 @@
 // is registered from Python (bs_lightning/ops.py) with torch.library.register_fake.
 #include <torch/library.h>
 
+#include "balanced_linear.h"
+
 TORCH_LIBRARY(bs_lightning, m) {
   m.def(
       "balanced_linear(Tensor x, Tensor values, Tensor indices, int bank_size, "
       "int in_features, Tensor? bias=None) -> Tensor");
+  // The same product on the CPU tile layout of bs_lightning.ops.pack_tiles (CPU only).
+  m.def(
+      "balanced_linear_tiled(Tensor x, Tensor values, Tensor indices, int bank_size, "
+      "int in_features, int out_features, Tensor? bias=None) -> Tensor");
+  // "avx512" when the tile kernel is vectorised in this build, else "portable".
+  m.def("cpu_isa() -> str", &bs_lightning::cpu::cpu_isa);
+  // Smallest number of input rows at which the tiled op unpacks to a dense GEMM.
+  m.def("tiled_dense_crossover(int k, int bank_size) -> int",
+        &bs_lightning::cpu::tiled_dense_crossover);
 }

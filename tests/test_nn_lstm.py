@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import bs_lightning.nn.lstm as lstm_module
 from bs_lightning.nn import BalancedSparseLSTM
 from bs_lightning.nn.lstm import lstm_weight_names
 from bs_lightning.sparsity import balanced_mask
@@ -66,13 +65,13 @@ def test_one_product_for_the_input_and_one_per_step(monkeypatch):
     lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, num_layers=2, bidirectional=True)
     sparse = BalancedSparseLSTM.from_dense(lstm, 8)
     shapes = []
-    real = lstm_module.balanced_linear
+    real = sparse._product
 
-    def counting(x, *args, **kwargs):
+    def counting(prefix, x, *args, **kwargs):
         shapes.append(tuple(x.shape))
-        return real(x, *args, **kwargs)
+        return real(prefix, x, *args, **kwargs)
 
-    monkeypatch.setattr(lstm_module, "balanced_linear", counting)
+    monkeypatch.setattr(sparse, "_product", counting)
     steps, batch = 5, 3
     sparse(torch.randn(steps, batch, 16))
     # per layer and direction: the whole sequence at once, then one [B, H] x [4H, H] per step

@@ -7,13 +7,22 @@ buffers `{p}values [out, n_banks * k]`, `{p}indices [out, n_banks * k]` (uint8) 
 a checkpoint self-describing (it survives safetensors, unlike `get_extra_state`) and lets
 `load_state_dict` refuse a checkpoint with other shapes or another bank size, naming the
 layer, instead of copying same-shaped tensors of a different bank layout.
+
+Products go through `_product`, which picks the kernel: on a CPU with the AVX-512 tile
+kernel it multiplies with a copy of the matrix in the tile layout (`ops.pack_tiles`), and
+from the measured batch crossover on (low sparsity, large batches) with the unpacked dense
+matrix, so a layer is never slower than its dense original. Both copies are derived caches:
+built on first use, rebuilt when the buffers change (in-place edits, `load_state_dict`),
+dropped on `.to()`, never saved.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from bs_lightning import ops
 from bs_lightning.nn.format import check_bank_size, pack_balanced, unpack_balanced
 from bs_lightning.sparsity.masks import balanced_mask, bank_layout, keep_count
 
@@ -63,14 +72,93 @@ def prune_and_pack(
     return pack_balanced(matrix, bank_size, k, name)
 
 
+def _stamp(*tensors: torch.Tensor) -> tuple:
+    """Identity of tensors' current contents: storage, offset, dtype and in-place version."""
+    return tuple(
+        (t.data_ptr(), t.dtype, t.device, -1 if t.is_inference() else t._version) for t in tensors
+    )
+
+
 class BalancedSparseModule(nn.Module):
-    """Base class: registers compact matrices and checks their layout on `load_state_dict`."""
+    """Base class: registers compact matrices, checks their layout on `load_state_dict` and
+    runs their products (`_product`).
+
+    Attributes:
+        dense_fallback: when True (default), a CPU product with at least
+            `ops.dense_crossover(k, bank_size)` input rows (only layers with more than ~30%
+            of their weights kept reach it) runs `F.linear` on a cached dense copy of the
+            matrix, as fast as the dense layer at the cost of its memory. False keeps the
+            memory of the compact format and unpacks per call (slower than dense there).
+    """
+
+    dense_fallback: bool = True
 
     def __init__(self) -> None:
         super().__init__()
         # prefix -> (out_features, in_features, bank_size, k) as Python ints: forward reads
         # these, never the layout buffers (that would be a host sync per call)
         self._layouts: dict[str, tuple[int, int, int, int]] = {}
+        # (prefix, rows, kind) -> (stamp of the compact tensors, derived tensors)
+        self._kernel_cache: dict[tuple, tuple] = {}
+
+    def _derived(self, key: tuple, values: torch.Tensor, indices: torch.Tensor, make):
+        """`make()` cached under `key` while `values`/`indices` keep their contents."""
+        stamp = _stamp(values, indices)
+        hit = self._kernel_cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, make())
+            self._kernel_cache[key] = hit
+        return hit[1]
+
+    def _product(
+        self,
+        prefix: str,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        rows: slice | None = None,
+    ) -> torch.Tensor:
+        """`F.linear(x, W, bias)` for compact matrix `prefix` (rows `rows` of it if given).
+
+        Args:
+            prefix: the matrix's buffer prefix.
+            x: `[..., in_features]`.
+            bias: `[rows]` or None.
+            rows: a slice of the matrix's rows (grouped convolutions), or None for all.
+
+        Returns:
+            `[..., rows]` in `x.dtype`.
+        """
+        _, in_features, bank_size, k = self._layouts[prefix]
+        values = getattr(self, prefix + "values")
+        indices = getattr(self, prefix + "indices")
+        if rows is not None:
+            values, indices = values[rows], indices[rows]
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
+        ops.load()
+        if not ops.cpu_tiles_supported(bank_size) or x.dtype != values.dtype:
+            return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
+        key = (prefix, None if rows is None else (rows.start, rows.stop))
+        batch = x.numel() // in_features
+        if self.dense_fallback and batch >= ops.dense_crossover(k, bank_size):
+            weight = self._derived(
+                (*key, "dense"),
+                values,
+                indices,
+                lambda: unpack_balanced(values, indices, bank_size, in_features),
+            )
+            return F.linear(x, weight, bias)
+        tile_values, tile_indices = self._derived(
+            (*key, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
+        )
+        return ops.balanced_linear_tiled(
+            x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
+        )
+
+    def _apply(self, fn, recurse=True):
+        # derived copies follow the buffers' device and dtype by being rebuilt
+        self._kernel_cache.clear()
+        return super()._apply(fn, recurse)
 
     def _register_compact(
         self,

@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
-from bs_lightning.ops import balanced_linear
 
 __all__ = ["BalancedSparseConv2d"]
 
@@ -136,13 +135,11 @@ class BalancedSparseConv2d(BalancedSparseModule):
         for g in range(self.groups):
             rows = slice(g * per_group, (g + 1) * per_group)
             outs.append(
-                balanced_linear(
+                self._product(
+                    "",
                     patches[..., g * row : (g + 1) * row],
-                    self.values[rows],
-                    self.indices[rows],
-                    self.bank_size,
-                    row,
                     None if self.bias is None else self.bias[rows],
+                    rows if self.groups > 1 else None,
                 )
             )
         out = outs[0] if self.groups == 1 else torch.cat(outs, dim=-1)  # [N, L, C_out]

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
-from bs_lightning.ops import balanced_linear
 
 __all__ = ["BalancedSparseLinear"]
 
@@ -54,9 +53,7 @@ class BalancedSparseLinear(BalancedSparseModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`x [..., in_features]` (any leading shape, may be non-contiguous) -> `[..., out]`."""
-        return balanced_linear(
-            x, self.values, self.indices, self.bank_size, self.in_features, self.bias
-        )
+        return self._product("", x, self.bias)
 
     @staticmethod
     def _dense_weight_matrix(module: nn.Module) -> torch.Tensor:

@@ -17,7 +17,6 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
-from bs_lightning.ops import balanced_linear
 
 __all__ = ["BalancedSparseLSTM", "lstm_weight_names"]
 
@@ -130,17 +129,6 @@ class BalancedSparseLSTM(BalancedSparseModule):
                     torch.zeros(4 * hidden_size, device=device, dtype=dtype),
                 )
 
-    def _product(self, weight_name: str, x: torch.Tensor, bias: torch.Tensor | None):
-        _, in_features, bank_size, _ = self._layouts[weight_name + "_"]
-        return balanced_linear(
-            x,
-            getattr(self, weight_name + "_values"),
-            getattr(self, weight_name + "_indices"),
-            bank_size,
-            in_features,
-            bias,
-        )
-
     def _direction(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, suffix: str):
         """Runs one layer in one direction. `x [T, B, in]`, `h`/`c [B, H]`.
 
@@ -148,12 +136,12 @@ class BalancedSparseLSTM(BalancedSparseModule):
             `(out [T, B, H], h_T [B, H], c_T [B, H])`.
         """
         bias = getattr(self, "bias" + suffix) if self.has_bias else None
-        gates_x = self._product("weight_ih" + suffix, x, bias)  # [T, B, 4H], one call
+        gates_x = self._product("weight_ih" + suffix + "_", x, bias)  # [T, B, 4H], one call
         steps = x.shape[0]
         order = range(steps - 1, -1, -1) if suffix.endswith("_reverse") else range(steps)
         outs: list[torch.Tensor] = [x] * steps  # placeholders, every slot is overwritten
         for t in order:
-            gates = gates_x[t] + self._product("weight_hh" + suffix, h, None)  # [B, 4H]
+            gates = gates_x[t] + self._product("weight_hh" + suffix + "_", h, None)  # [B, 4H]
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)

@@ -1,0 +1,286 @@
+// CPU implementation of bs_lightning::balanced_linear_tiled (schema in csrc/ops.cpp): the
+// balanced product on the CPU tile layout made by bs_lightning.ops.pack_tiles.
+//
+//   values  [n_tiles, width, 16] (x.dtype), indices [n_tiles, width, 16] uint8,
+//   width = n_banks * k, n_tiles = ceil(out_features / 16); row t * 16 + l of the compact
+//   matrix is lane l of tile t (rows past out_features are zero padding).
+//
+// Dispatch on the number of input rows M (leading dims flattened):
+//   M < dense crossover  permute kernel (tile_permute), up to 8 input rows per pass over
+//                        a tile, tiles split across threads;
+//   M >= crossover       tiles unpacked block by block into a dense matrix + GEMM.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "balanced_linear.h"
+#include "cpu/tiled_kernels.h"
+
+namespace bs_lightning::cpu {
+namespace {
+
+int64_t check_tiled_inputs(const at::Tensor& x, const at::Tensor& values,
+                           const at::Tensor& indices, int64_t bank_size, int64_t in_features,
+                           int64_t out_features, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
+                   "balanced_linear_tiled: x must be floating point, got ",
+                   dtype_name(x.scalar_type()));
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "balanced_linear_tiled: values.dtype (",
+                   dtype_name(values.scalar_type()), ") must equal x.dtype (",
+                   dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte,
+                   "balanced_linear_tiled: indices must be torch.uint8, got ",
+                   dtype_name(indices.scalar_type()));
+  TORCH_CHECK_VALUE(bank_size >= 1 && bank_size <= kMaxTiledBank,
+                    "balanced_linear_tiled: bank_size must be in 1..", kMaxTiledBank,
+                    " (the tile kernel holds a bank of x in registers), got ", bank_size);
+  TORCH_CHECK_VALUE(in_features >= 1 && out_features >= 1,
+                    "balanced_linear_tiled: in_features and out_features must be >= 1, got ",
+                    in_features, " and ", out_features);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features,
+                    "balanced_linear_tiled: x must have shape [..., in_features=", in_features,
+                    "], got ", x.sizes());
+  const int64_t n_tiles = ceil_div(out_features, kTileRows);
+  TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == n_tiles && values.size(2) == kTileRows,
+                    "balanced_linear_tiled: values must have shape [ceil(out_features / 16) = ",
+                    n_tiles, ", n_banks * k, 16], got ", values.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "balanced_linear_tiled: indices shape ",
+                    indices.sizes(), " must equal values shape ", values.sizes());
+  const int64_t n_banks = ceil_div(in_features, bank_size);
+  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(1) % n_banks == 0,
+                    "balanced_linear_tiled: values.size(1) (", values.size(1),
+                    ") must be a positive multiple of n_banks = ceil(in_features / bank_size) = ",
+                    n_banks);
+  const int64_t k = values.size(1) / n_banks;
+  TORCH_CHECK_VALUE(k <= bank_size, "balanced_linear_tiled: keep-count k = ", k,
+                    " per bank exceeds bank_size = ", bank_size);
+  TORCH_CHECK_VALUE(values.device() == x.device() && indices.device() == x.device(),
+                    "balanced_linear_tiled: x (", x.device(), "), values (", values.device(),
+                    ") and indices (", indices.device(), ") must be on the same device");
+  if (bias.has_value()) {
+    const at::Tensor& b = *bias;
+    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "balanced_linear_tiled: bias.dtype (",
+                     dtype_name(b.scalar_type()), ") must equal x.dtype (",
+                     dtype_name(x.scalar_type()), ")");
+    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_features,
+                      "balanced_linear_tiled: bias must have shape [out_features=", out_features,
+                      "], got ", b.sizes());
+    TORCH_CHECK_VALUE(b.device() == x.device(), "balanced_linear_tiled: bias (", b.device(),
+                      ") must be on x's device (", x.device(), ")");
+  }
+  return k;
+}
+
+struct TiledArgs {
+  const float* x;  // [M, in] fp32, contiguous
+  int64_t M, in, out_features, n_tiles, width, k, bank_size;
+  const float* bias;  // [out] fp32 or nullptr
+};
+
+#if defined(__AVX512F__)
+// Writes 16 lanes (the first `valid`) of one output row.
+template <typename V>
+inline void store_row(V* dst, __m512 r, int64_t valid) {
+  alignas(64) float f[16];
+  _mm512_store_ps(f, r);
+  for (int64_t l = 0; l < valid; ++l) dst[l] = static_cast<V>(f[l]);
+}
+template <>
+inline void store_row<float>(float* dst, __m512 r, int64_t valid) {
+  _mm512_mask_storeu_ps(dst, prefix_mask(valid), r);
+}
+
+// Input rows [m0, m0 + NB) against tile t.
+template <typename V, int NREG, int NB>
+void tile_pass(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t t, int64_t m0,
+               __m512 bias, V* out) {
+  __m512 res[NB];
+  tile_permute<V, NREG, NB>(tv, ti, a.width / a.k, a.k, a.bank_size, a.x + m0 * a.in, a.in,
+                            a.in, res);
+  const int64_t o0 = t * kTileRows, valid = std::min(kTileRows, a.out_features - o0);
+#pragma GCC unroll 8
+  for (int n = 0; n < NB; ++n) {
+    store_row(out + (m0 + n) * a.out_features + o0, _mm512_add_ps(res[n], bias), valid);
+  }
+}
+
+template <typename V, int NREG, int NB>
+void tile_rest(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t t, int64_t m0,
+               int64_t nb, __m512 bias, V* out) {
+  if constexpr (NB > 0) {
+    if (nb == NB) return tile_pass<V, NREG, NB>(a, tv, ti, t, m0, bias, out);
+    tile_rest<V, NREG, NB - 1>(a, tv, ti, t, m0, nb, bias, out);
+  }
+}
+
+// Bytes of compact weight per group of tiles that a thread keeps in its L2 while every
+// chunk of x passes over the group: chunk-outer, tile-inner would stream all of x from L3
+// once per tile, which made batch 256 four times slower than batch 64 per product.
+constexpr int64_t kGroupBytes = int64_t{256} << 10;
+
+template <typename V, int NREG>
+void run_permute(const TiledArgs& a, const V* tv, const uint8_t* ti, V* out) {
+  // x rows per pass over a tile: NB * NREG registers of x must fit beside the accumulators
+  constexpr int NB = NREG == 4 ? 4 : 8;
+  const int64_t tile_elems = a.width * kTileRows;
+  const int64_t group = std::max<int64_t>(
+      1, kGroupBytes / (tile_elems * static_cast<int64_t>(sizeof(V) + 1)));
+  at::parallel_for(0, a.n_tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t g0 = t0; g0 < t1; g0 += group) {
+      const int64_t g1 = std::min(t1, g0 + group);
+      for (int64_t m0 = 0; m0 < a.M; m0 += NB) {
+        const int64_t nb = std::min<int64_t>(NB, a.M - m0);
+        for (int64_t t = g0; t < g1; ++t) {
+          const V* v = tv + t * tile_elems;
+          const uint8_t* id = ti + t * tile_elems;
+          const int64_t o0 = t * kTileRows;
+          const __m512 bias =
+              a.bias ? _mm512_maskz_loadu_ps(prefix_mask(a.out_features - o0), a.bias + o0)
+                     : _mm512_setzero_ps();
+          tile_rest<V, NREG, NB>(a, v, id, t, m0, nb, bias, out);
+        }
+      }
+    }
+  });
+}
+#endif
+
+template <typename V>
+void run_portable(const TiledArgs& a, const V* tv, const uint8_t* ti, V* out) {
+  const int64_t tile_elems = a.width * kTileRows;
+  at::parallel_for(0, a.n_tiles, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t o0 = t * kTileRows, valid = std::min(kTileRows, a.out_features - o0);
+      for (int64_t m = 0; m < a.M; ++m) {
+        for (int64_t l = 0; l < valid; ++l) {
+          const float s = tile_lane_dot(tv + t * tile_elems, ti + t * tile_elems, a.width, a.k,
+                                        a.bank_size, a.x + m * a.in, a.in, l);
+          out[m * a.out_features + o0 + l] = static_cast<V>(a.bias ? s + a.bias[o0 + l] : s);
+        }
+      }
+    }
+  });
+}
+
+// Large M: unpack 16-row tiles block by block into a reused dense [rows, in + bank] matrix
+// (the pad columns absorb an index past in_features) and multiply it with the GEMM.
+template <typename V>
+void run_dense(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& indices,
+               int64_t k, int64_t bank_size, int64_t out_features,
+               const std::optional<at::Tensor>& bias, at::Tensor& out) {
+  const int64_t in = x2.size(1), width = values.size(1), ld = in + bank_size;
+  const int64_t tiles_per_block =
+      std::max<int64_t>(4, (int64_t{1} << 22) / (ld * kTileRows));  // ~16 MiB fp32 block
+  at::Tensor block = at::empty({tiles_per_block * kTileRows, ld}, values.options());
+  const V* vptr = values.const_data_ptr<V>();
+  const uint8_t* iptr = indices.const_data_ptr<uint8_t>();
+  V* bptr = block.mutable_data_ptr<V>();
+  for (int64_t t0 = 0; t0 < values.size(0); t0 += tiles_per_block) {
+    const int64_t nt = std::min(tiles_per_block, values.size(0) - t0);
+    const int64_t o0 = t0 * kTileRows, rows = std::min(nt * kTileRows, out_features - o0);
+    at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        V* dst = bptr + t * kTileRows * ld;
+        std::fill(dst, dst + kTileRows * ld, V(0));
+        const V* v = vptr + (t0 + t) * width * kTileRows;
+        const uint8_t* id = iptr + (t0 + t) * width * kTileRows;
+        for (int64_t j = 0; j < width; ++j) {
+          const int64_t start = j / k * bank_size;
+          for (int64_t l = 0; l < kTileRows; ++l) {
+            dst[l * ld + start + id[j * kTileRows + l]] += v[j * kTileRows + l];
+          }
+        }
+      }
+    });
+    const at::Tensor w = block.narrow(0, 0, rows).narrow(1, 0, in);  // [rows, in]
+    at::Tensor dst = out.narrow(1, o0, rows);                        // [M, rows]
+    if (bias.has_value()) {
+      at::addmm_out(dst, bias->narrow(0, o0, rows), x2, w.t());
+    } else {
+      at::mm_out(dst, x2, w.t());
+    }
+  }
+}
+
+template <typename V>
+void run_tiled(const TiledArgs& a, const at::Tensor& values, const at::Tensor& indices,
+               at::Tensor& out) {
+  const V* tv = values.const_data_ptr<V>();
+  const uint8_t* ti = indices.const_data_ptr<uint8_t>();
+  V* optr = out.mutable_data_ptr<V>();
+#if defined(__AVX512F__)
+  if (a.bank_size <= 16) return run_permute<V, 1>(a, tv, ti, optr);
+  if (a.bank_size <= 32) return run_permute<V, 2>(a, tv, ti, optr);
+  return run_permute<V, 4>(a, tv, ti, optr);
+#else
+  run_portable<V>(a, tv, ti, optr);
+#endif
+}
+
+}  // namespace
+
+// Smallest M at which unpack + GEMM beats the permute kernel, by kept fraction d = k / B.
+// Measured with `python -m bs_lightning.bench kernels` on the 2-core AVX-512 Xeon
+// (benchmarks/results/cpu-2core-*): the permute kernel's cost grows with d * M (one permute
+// and one FMA per 16 products), the GEMM's with M alone (two FMAs per cycle, no permutes).
+int64_t tiled_dense_crossover(int64_t k, int64_t bank_size) {
+  const double d = static_cast<double>(k) / static_cast<double>(bank_size);
+  if (d > 0.45) return 128;
+  if (d > 0.3) return 512;
+  return int64_t{1} << 62;  // sparse wins at every batch measured
+}
+
+at::Tensor balanced_linear_tiled_cpu(const at::Tensor& x, const at::Tensor& values,
+                                     const at::Tensor& indices, int64_t bank_size,
+                                     int64_t in_features, int64_t out_features,
+                                     const std::optional<at::Tensor>& bias) {
+  const int64_t k = check_tiled_inputs(x, values, indices, bank_size, in_features,
+                                       out_features, bias);
+  const auto dtype = x.scalar_type();
+  const int64_t M = x.numel() / in_features;
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = out_features;
+  at::Tensor out = at::empty({M, out_features}, x.options());
+  if (M == 0) return out.view(out_shape);
+  const at::Tensor x2 = x.reshape({M, in_features});
+  const at::Tensor v = values.contiguous();
+  const at::Tensor idx = indices.contiguous();
+  const bool has_kernel = dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf;
+  if (!has_kernel || M >= tiled_dense_crossover(k, bank_size)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "balanced_linear_tiled_dense",
+                                    [&] {
+                                      run_dense<scalar_t>(x2, v, idx, k, bank_size, out_features,
+                                                          bias, out);
+                                    });
+    return out.view(out_shape);
+  }
+  const at::Tensor xf = x2.to(at::kFloat).contiguous();
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const TiledArgs a{xf.const_data_ptr<float>(),
+                    M,
+                    in_features,
+                    out_features,
+                    v.size(0),
+                    v.size(1),
+                    k,
+                    bank_size,
+                    bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr};
+  if (dtype == at::kFloat) {
+    run_tiled<float>(a, v, idx, out);
+  } else if (dtype == at::kBFloat16) {
+    run_tiled<c10::BFloat16>(a, v, idx, out);
+  } else {
+    run_tiled<c10::Half>(a, v, idx, out);
+  }
+  return out.view(out_shape);
+}
+
+std::string cpu_isa() { return kTiledVectorised ? "avx512" : "portable"; }
+
+}  // namespace bs_lightning::cpu
+
+TORCH_LIBRARY_IMPL(bs_lightning, CPU, m) {
+  m.impl("balanced_linear_tiled", &bs_lightning::cpu::balanced_linear_tiled_cpu);
+}
