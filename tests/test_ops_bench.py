@@ -94,7 +94,7 @@ def test_targets_and_markdown():
         "targets": targets,
     }
     md = kernels.to_markdown(result)
-    assert "| 4096x4096 | 90.6% | 1 | 650.0 | 100.0 | - | - | 6.50x | - | 50% | 25% |" in md
+    assert "| 4096x4096 | 90.6% | 1 | - | 650.0 | 100.0 | - | - | 6.50x | - | 50% | 25% |" in md
     assert "- 11008x4096 batch 1: 7.00x (target 8x) MISSED" in md
     assert "- csr: RuntimeError: no CSR for this dtype" in md
 
@@ -107,3 +107,39 @@ def test_cli_dispatch(capsys):
         cli.main(["kernels", "--help"])
     assert exc.value.code == 0
     assert "python -m bs_lightning.bench kernels" in capsys.readouterr().out
+
+
+def test_cpu_contenders_rotate_weight_copies_past_the_cache():
+    import argparse
+
+    import torch
+
+    args = argparse.Namespace(rotate_mb=1.0)
+    w = torch.ones(64, 1024)  # 256 KiB: 4 copies make 1 MiB
+    copies = kernels.copies_of(w, w.numel() * 4, args, torch.device("cpu"))
+    assert len(copies) == 4 and copies[0] is w
+    assert len({c.data_ptr() for c in copies}) == 4 and all(torch.equal(c, w) for c in copies)
+    args.rotate_mb = 0  # one copy: the cache-hot figure
+    assert kernels.copies_of(w, w.numel() * 4, args, torch.device("cpu")) == [w]
+    seen = []
+    rotation = kernels.Rotation(seen.append, ["a", "b", "c"])
+    for _ in range(7):
+        rotation()
+    assert rotation.copies == 3 and seen == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def test_interleaved_medians_times_blocks_of_calls():
+    from bs_lightning.bench.timing import interleaved_medians
+
+    counts = {"one": 0, "block": 0}
+
+    def bump(name):
+        counts[name] += 1
+
+    interleaved_medians(
+        {"one": lambda: bump("one"), "block": lambda: bump("block")},
+        reps=3,
+        warmup=1,
+        calls={"block": 5},
+    )
+    assert counts == {"one": 4, "block": 20}  # (warmup + reps) x calls

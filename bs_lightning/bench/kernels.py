@@ -4,13 +4,19 @@
 run, for each weight shape, sparsity and batch:
 
 - `dense`: `F.linear(x, W)` with the masked dense weight;
-- `balanced`: `bs_lightning.ops.balanced_linear` on the compact weight (bank 32 by default);
+- `balanced`: a `BalancedSparseLinear` holding the compact weight (bank 32 by default), so
+  the row times what a converted model runs: on an AVX-512 CPU the tile kernel
+  (`balanced_linear_tiled`), from the measured batch crossover on (low sparsity) its cached
+  dense copy, on CUDA (or without AVX-512) `balanced_linear`; the `path` column says which;
 - `csr`: `(W.to_sparse_csr() @ x.T).T`, torch's CSR product;
 - `semi_2to4` (CUDA, 50%, fp16/bf16 only, where torch supports it): `F.linear(x, W_2:4)` with
   `torch.sparse.to_sparse_semi_structured` of a 2:4-pruned weight of the same shape.
 
 CPU: the contenders run interleaved, round after round, and medians are reported (a shared
-machine slows them alike). CUDA: each contender is replayed from a CUDA graph of N calls and
+machine slows them alike). Each contender cycles through copies of its weight that together
+exceed the last-level cache (`--rotate-mb`, default twice its size), one call per copy per
+round, as the layers of a model larger than the cache: one weight reused call after call
+would time the cache, which favours the largest format most. CUDA: each contender is replayed from a CUDA graph of N calls and
 timed with CUDA events. Every row also gives the speedup over dense and the fraction of the
 bytes floor: achieved bytes/s (weights + x + y) over a copy bandwidth measured in the same run.
 Writes `<out-dir>/<device>-<date>.json` and `.md` (device e.g. `cpu-2core`, `nvidia-h200`).
@@ -19,8 +25,10 @@ Writes `<out-dir>/<device>-<date>.json` and `.md` (device e.g. `cpu-2core`, `nvi
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import json
+import math
 import os
 import platform
 import sys
@@ -37,7 +45,9 @@ from bs_lightning.bench.timing import (
     cuda_graph_us,
     device_slug,
     interleaved_medians,
+    llc_bytes,
 )
+from bs_lightning.nn import BalancedSparseLinear
 from bs_lightning.nn.format import pack_balanced
 from bs_lightning.sparsity import balanced_mask, keep_count
 
@@ -54,6 +64,7 @@ CPU_TARGETS = {
     ("11008x4096", 8): 6.0,
 }
 CONTENDERS = ["dense", "balanced", "csr", "semi_2to4"]
+MAX_COPIES = 256  # weight copies per contender on the CPU
 # CPU clocks: wall time, or the calling thread's CPU time (needs --threads 1; immune to the
 # time slices other processes take on a shared machine)
 CLOCKS = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
@@ -100,7 +111,11 @@ def time_contenders(fns: dict, device: torch.device, args) -> tuple[dict, dict]:
     """
     if device.type == "cpu":
         clock = CLOCKS[args.clock]
-        return interleaved_medians(fns, reps=args.reps, budget_s=args.budget, clock=clock), {}
+        calls = {name: getattr(fn, "copies", 1) for name, fn in fns.items()}
+        seconds = interleaved_medians(
+            fns, reps=args.reps, budget_s=args.budget, clock=clock, calls=calls
+        )
+        return seconds, {}
     seconds, errors = {}, {}
     for name, fn in fns.items():
         try:
@@ -108,6 +123,37 @@ def time_contenders(fns: dict, device: torch.device, args) -> tuple[dict, dict]:
         except Exception as exc:
             errors[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
     return seconds, errors
+
+
+def balanced_path(device: torch.device, k: int, bank: int, batch: int) -> str:
+    """Which kernel `BalancedSparseLinear` runs for this layer and batch (see nn/base.py)."""
+    if device.type != "cpu":
+        return f"{device.type} op"
+    if not ops.cpu_tiles_supported(bank):
+        return "row-major op"
+    return "dense copy" if batch >= ops.dense_crossover(k, bank) else "tiles"
+
+
+class Rotation:
+    """Calls `fn(obj)` for the next of `objs` on each call; `copies` = len(objs)."""
+
+    def __init__(self, fn, objs: list) -> None:
+        self.fn, self.objs, self.copies, self._next = fn, objs, len(objs), 0
+
+    def __call__(self):
+        obj = self.objs[self._next]
+        self._next = (self._next + 1) % self.copies
+        return self.fn(obj)
+
+
+def copies_of(obj, nbytes: int, args, device: torch.device) -> list:
+    """`obj` and clones of it, enough to make `args.rotate_mb` MiB (CPU; CUDA rotates in
+    cuda_contenders)."""
+    if device.type != "cpu" or nbytes <= 0:
+        return [obj]
+    count = max(1, min(MAX_COPIES, math.ceil(args.rotate_mb * 2**20 / nbytes)))
+    clone = copy.deepcopy if isinstance(obj, torch.nn.Module) else torch.Tensor.clone
+    return [obj] + [clone(obj) for _ in range(count - 1)]
 
 
 def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> list[dict]:
@@ -118,6 +164,8 @@ def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> lis
     values, indices, _ = pack_balanced(masked, bank, k)
     w = masked.to(device=device, dtype=dtype)
     values, indices = values.to(device=device, dtype=dtype), indices.to(device)
+    layer = BalancedSparseLinear(inn, out, bank, k, bias=False, device=device, dtype=dtype)
+    layer._fill_compact("", values, indices)
     extra = {"nnz_slots": values.numel(), "nnz": int((masked != 0).sum())}
     csr = None
     try:
@@ -126,18 +174,24 @@ def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> lis
     except Exception as exc:  # e.g. a dtype without CSR support
         csr = exc
     semi = semi_structured(w) if device.type == "cuda" and sparsity == 0.5 else None
+    es = torch.empty((), dtype=dtype).element_size()
+    dense_ws = copies_of(w, w.numel() * es, args, device)
+    layers = copies_of(layer, values.numel() * (es + 1), args, device)
+    csrs = None
+    if not isinstance(csr, Exception):
+        csrs = copies_of(csr, extra["nnz"] * (es + extra["csr_index_bytes"]), args, device)
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, inn, device=device, dtype=dtype)
         fns = {
-            "dense": lambda x=x: F.linear(x, w),
-            "balanced": lambda x=x: ops.balanced_linear(x, values, indices, bank, inn),
+            "dense": Rotation(lambda w, x=x: F.linear(x, w), dense_ws),
+            "balanced": Rotation(lambda layer, x=x: layer(x), layers),
         }
         errors = {}
         if isinstance(csr, Exception):
             errors["csr"] = f"{type(csr).__name__}: {csr}"
         else:
-            fns["csr"] = lambda x=x: (csr @ x.t()).t()
+            fns["csr"] = Rotation(lambda c, x=x: (c @ x.t()).t(), csrs)
         if isinstance(semi, Exception):
             errors["semi_2to4"] = f"{type(semi).__name__}: {semi}"
         elif semi is not None:
@@ -160,7 +214,6 @@ def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> lis
         errors.update(timing_errors)
         if "dense" not in seconds:
             raise RuntimeError(f"dense F.linear could not be timed: {errors['dense']}")
-        es = torch.empty((), dtype=dtype).element_size()
         row = {
             "shape": f"{out}x{inn}",
             "out": out,
@@ -170,6 +223,8 @@ def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> lis
             "sparsity_target": sparsity,
             "sparsity": 1 - k / bank,
             "batch": batch,
+            "balanced_path": balanced_path(device, k, bank, batch),
+            "weight_copies": {n: getattr(f, "copies", 1) for n, f in fns.items()},
             "balanced_rel_err": rel_err,
             "time_us": {n: s * 1e6 for n, s in seconds.items()},
             "speedup_vs_dense": {n: seconds["dense"] / s for n, s in seconds.items()},
@@ -233,9 +288,9 @@ def to_markdown(result: dict) -> str:
         f"- copy bandwidth (same run): {meta['copy_bandwidth_gbs']:.1f} GB/s; "
         "'floor' = achieved bytes/s over it",
         "",
-        "| W (out x in) | sparsity | batch | dense us | balanced us | CSR us | 2:4 us "
+        "| W (out x in) | sparsity | batch | path | dense us | balanced us | CSR us | 2:4 us "
         "| balanced vs dense | CSR vs dense | floor dense | floor balanced |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def cell(row, name, key, fmt):
@@ -245,6 +300,7 @@ def to_markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(
             f"| {row['shape']} | {row['sparsity'] * 100:.1f}% | {row['batch']} "
+            f"| {row.get('balanced_path', '-')} "
             f"| {cell(row, 'dense', 'time_us', '{:.1f}')} "
             f"| {cell(row, 'balanced', 'time_us', '{:.1f}')} "
             f"| {cell(row, 'csr', 'time_us', '{:.1f}')} "
@@ -313,6 +369,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10.0,
         help="CPU: seconds of rounds per row after which no more are added (>= 3)",
     )
+    p.add_argument(
+        "--rotate-mb",
+        type=float,
+        default=2 * llc_bytes() / 2**20,
+        help="CPU: MiB of weight copies each contender cycles through (0: one copy, the "
+        "cache-hot figure; default: twice the last-level cache, %(default).0f)",
+    )
     p.add_argument("--graph-calls", type=int, default=20, help="CUDA: calls captured per graph")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument(
@@ -358,7 +421,8 @@ def run(args: argparse.Namespace) -> dict:
         f"{args.reps}"
         if device.type == "cuda"
         else f"interleaved rounds ({args.clock} clock), median of up to {args.reps} rounds "
-        f"(at least 3; no new round after {args.budget:.0f}s per row)"
+        f"(at least 3; no new round after {args.budget:.0f}s per row); each contender cycles "
+        f"through weight copies of {args.rotate_mb:.0f} MiB in all, one call per copy per round"
     )
     return {
         "meta": {

@@ -1,7 +1,9 @@
 """Timing helpers for benchmarks (never used by tests).
 
 - CPU: `interleaved_medians` runs the contenders in turn, rep after rep, so that load from
-  other processes on a shared machine hits all of them alike; it reports medians.
+  other processes on a shared machine hits all of them alike; it reports medians. A
+  contender may be a block of calls over rotating weight copies (`llc_bytes`), so that its
+  weights come from memory, as in a model larger than the cache, and not from the cache.
 - CUDA: `cuda_graph_us` captures N calls in one CUDA graph and times replays with CUDA
   events, so launch overhead is paid once per N calls (what a served model sees).
 - `copy_bandwidth`: bytes/s of a plain tensor copy on the same device in the same run, the
@@ -13,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -26,6 +29,7 @@ def interleaved_medians(
     budget_s: float = 20.0,
     min_reps: int = 3,
     clock: Callable[[], float] = time.perf_counter,
+    calls: dict[str, int] | None = None,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds (CPU).
 
@@ -40,22 +44,28 @@ def interleaved_medians(
         clock: `time.perf_counter` (wall clock, default) or `time.thread_time` (CPU time of
             the calling thread: with one intra-op thread it counts only the cycles the call
             used, not the time other processes held the cores).
+        calls: name -> consecutive calls timed as one sample (default 1), e.g. one call per
+            rotating weight copy; the sample is divided by it.
 
     Returns:
         name -> median seconds.
     """
     names = list(fns)
+    calls = {name: (calls or {}).get(name, 1) for name in names}
     for _ in range(warmup):
         for name in names:
-            fns[name]()
+            for _ in range(calls[name]):
+                fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     started = time.perf_counter()
     for rep in range(reps):
         # rotate the order so no contender always runs right after the same one
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            fn, n = fns[name], calls[name]
             t0 = clock()
-            fns[name]()
-            times[name].append(clock() - t0)
+            for _ in range(n):
+                fn()
+            times[name].append((clock() - t0) / n)
         if rep + 1 >= min_reps and time.perf_counter() - started > budget_s:
             break
     return {name: statistics.median(ts) for name, ts in times.items()}
@@ -92,6 +102,19 @@ def cuda_graph_us(
         pairs.append((start, end))
     torch.cuda.synchronize()
     return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3 / calls_per_graph
+
+
+def llc_bytes(default: int = 32 * 2**20) -> int:
+    """Size of the CPU's last-level cache (Linux sysfs), or `default` when unknown."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=default)
 
 
 def copy_bandwidth(

@@ -92,26 +92,49 @@ inline void store_row<float>(float* dst, __m512 r, int64_t valid) {
   _mm512_mask_storeu_ps(dst, prefix_mask(valid), r);
 }
 
-// Input rows [m0, m0 + NB) against tile t.
-template <typename V, int NREG, int NB>
+// Tiles run in lockstep by one pass: as many as leave registers for x and the sums.
+template <int NREG, int NB>
+constexpr int tiles_per_pass() {
+  return NB * NREG <= 4 ? 4 : (NB * NREG <= 8 ? 2 : 1);
+}
+
+// Input rows [m0, m0 + NB) against the TT tiles from tile t.
+template <typename V, int NREG, int NB, int TT>
 void tile_pass(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t t, int64_t m0,
-               __m512 bias, V* out) {
-  __m512 res[NB];
-  tile_permute<V, NREG, NB>(tv, ti, a.width / a.k, a.k, a.bank_size, a.x + m0 * a.in, a.in,
-                            a.in, res);
-  const int64_t o0 = t * kTileRows, valid = std::min(kTileRows, a.out_features - o0);
+               V* out) {
+  const int64_t stride = a.width * kTileRows;
+  __m512 res[TT][NB];
+  tile_permute<V, NREG, NB, TT>(tv + t * stride, ti + t * stride, stride, a.width / a.k, a.k,
+                                a.bank_size, a.x + m0 * a.in, a.in, a.in, res);
+#pragma GCC unroll 4
+  for (int u = 0; u < TT; ++u) {
+    const int64_t o0 = (t + u) * kTileRows, valid = std::min(kTileRows, a.out_features - o0);
+    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(prefix_mask(valid), a.bias + o0)
+                               : _mm512_setzero_ps();
 #pragma GCC unroll 8
-  for (int n = 0; n < NB; ++n) {
-    store_row(out + (m0 + n) * a.out_features + o0, _mm512_add_ps(res[n], bias), valid);
+    for (int n = 0; n < NB; ++n) {
+      store_row(out + (m0 + n) * a.out_features + o0, _mm512_add_ps(res[u][n], bias), valid);
+    }
   }
 }
 
+// Input rows [m0, m0 + NB) against tiles [g0, g1).
 template <typename V, int NREG, int NB>
-void tile_rest(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t t, int64_t m0,
-               int64_t nb, __m512 bias, V* out) {
+void group_pass(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t g0, int64_t g1,
+                int64_t m0, V* out) {
+  constexpr int TT = tiles_per_pass<NREG, NB>();
+  int64_t t = g0;
+  for (; t + TT <= g1; t += TT) tile_pass<V, NREG, NB, TT>(a, tv, ti, t, m0, out);
+  for (; t < g1; ++t) tile_pass<V, NREG, NB, 1>(a, tv, ti, t, m0, out);
+}
+
+// group_pass with NB = nb (1 <= nb <= NB) chosen at run time.
+template <typename V, int NREG, int NB>
+void group_pass_rows(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t g0, int64_t g1,
+                     int64_t m0, int64_t nb, V* out) {
   if constexpr (NB > 0) {
-    if (nb == NB) return tile_pass<V, NREG, NB>(a, tv, ti, t, m0, bias, out);
-    tile_rest<V, NREG, NB - 1>(a, tv, ti, t, m0, nb, bias, out);
+    if (nb == NB) return group_pass<V, NREG, NB>(a, tv, ti, g0, g1, m0, out);
+    group_pass_rows<V, NREG, NB - 1>(a, tv, ti, g0, g1, m0, nb, out);
   }
 }
 
@@ -122,25 +145,15 @@ constexpr int64_t kGroupBytes = int64_t{256} << 10;
 
 template <typename V, int NREG>
 void run_permute(const TiledArgs& a, const V* tv, const uint8_t* ti, V* out) {
-  // x rows per pass over a tile: NB * NREG registers of x must fit beside the accumulators
+  // x rows per pass over a tile: NB * NREG registers of x must fit beside the sums
   constexpr int NB = NREG == 4 ? 4 : 8;
-  const int64_t tile_elems = a.width * kTileRows;
-  const int64_t group = std::max<int64_t>(
-      1, kGroupBytes / (tile_elems * static_cast<int64_t>(sizeof(V) + 1)));
+  const int64_t tile_bytes = a.width * kTileRows * static_cast<int64_t>(sizeof(V) + 1);
+  const int64_t group = std::max<int64_t>(4, kGroupBytes / tile_bytes);
   at::parallel_for(0, a.n_tiles, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t g0 = t0; g0 < t1; g0 += group) {
       const int64_t g1 = std::min(t1, g0 + group);
       for (int64_t m0 = 0; m0 < a.M; m0 += NB) {
-        const int64_t nb = std::min<int64_t>(NB, a.M - m0);
-        for (int64_t t = g0; t < g1; ++t) {
-          const V* v = tv + t * tile_elems;
-          const uint8_t* id = ti + t * tile_elems;
-          const int64_t o0 = t * kTileRows;
-          const __m512 bias =
-              a.bias ? _mm512_maskz_loadu_ps(prefix_mask(a.out_features - o0), a.bias + o0)
-                     : _mm512_setzero_ps();
-          tile_rest<V, NREG, NB>(a, v, id, t, m0, nb, bias, out);
-        }
+        group_pass_rows<V, NREG, NB>(a, tv, ti, g0, g1, m0, std::min<int64_t>(NB, a.M - m0), out);
       }
     }
   });

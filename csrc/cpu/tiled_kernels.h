@@ -17,6 +17,10 @@ namespace bs_lightning::cpu {
 
 constexpr int64_t kTileRows = 16;      // rows per tile = fp32 lanes of a zmm register
 constexpr int64_t kMaxTiledBank = 64;  // x slice of a bank in at most 4 zmm registers
+#ifndef BS_TILE_PF
+#define BS_TILE_PF 4096
+#endif
+constexpr int64_t kTilePrefetchBytes = BS_TILE_PF;
 
 #if defined(__AVX512F__)
 constexpr bool kTiledVectorised = true;
@@ -46,24 +50,33 @@ inline __m512 lookup<4>(const __m512* xr, __m512i ix) {
   return _mm512_mask_blend_ps(_mm512_test_epi32_mask(ix, _mm512_set1_epi32(32)), lo, hi);
 }
 
-// One tile of 16 rows times NB input rows: res[n][l] = sum_j tv[j][l] * x_n[col(j, l)].
-//   tv, ti: the tile's [width, 16] values and indices, width = n_banks * k.
+// TT tiles of 16 rows times NB input rows: res[t][n][l] = sum_j tv_t[j][l] * x_n[col(j, l)].
+//   tv, ti: the first tile's [width, 16] values and indices (width = n_banks * k); tile t
+//      starts tile_stride elements after tile t - 1.
 //   x: NB rows of in floats, row stride ldx. Columns >= in read as zero (masked loads), so
 //      the window of the last bank never reads past the row.
+// Several tiles in lockstep share the bank's x registers and keep 2 * TT weight streams in
+// flight, which a single thread needs to pull its share of the memory bandwidth.
 // Partial sums over blocks of about kSumBlock entries keep long rows' rounding error near
 // that of a blocked GEMM (see tile_rows).
-template <typename V, int NREG, int NB>
-inline void tile_permute(const V* tv, const uint8_t* ti, int64_t n_banks, int64_t k,
-                         int64_t bank_size, const float* x, int64_t ldx, int64_t in,
-                         __m512 (&res)[NB]) {
+template <typename V, int NREG, int NB, int TT>
+inline void tile_permute(const V* tv, const uint8_t* ti, int64_t tile_stride, int64_t n_banks,
+                         int64_t k, int64_t bank_size, const float* x, int64_t ldx, int64_t in,
+                         __m512 (&res)[TT][NB]) {
   const int64_t banks_per_block = std::max<int64_t>(1, kSumBlock / k);
 #pragma GCC unroll 8
-  for (int n = 0; n < NB; ++n) res[n] = _mm512_setzero_ps();
+  for (int t = 0; t < TT; ++t) {
+#pragma GCC unroll 8
+    for (int n = 0; n < NB; ++n) res[t][n] = _mm512_setzero_ps();
+  }
   for (int64_t b0 = 0; b0 < n_banks; b0 += banks_per_block) {
     const int64_t b1 = std::min(n_banks, b0 + banks_per_block);
-    __m512 blk[NB];
+    __m512 blk[TT][NB];
 #pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) blk[n] = _mm512_setzero_ps();
+    for (int t = 0; t < TT; ++t) {
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n) blk[t][n] = _mm512_setzero_ps();
+    }
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t col = b * bank_size;
       __m512 xr[NB][NREG];
@@ -73,18 +86,31 @@ inline void tile_permute(const V* tv, const uint8_t* ti, int64_t n_banks, int64_
 #pragma GCC unroll 8
         for (int n = 0; n < NB; ++n) xr[n][r] = _mm512_maskz_loadu_ps(m, x + n * ldx + col + 16 * r);
       }
-      const V* v = tv + b * k * kTileRows;
-      const uint8_t* id = ti + b * k * kTileRows;
+      const int64_t e0 = b * k * kTileRows;  // the bank's first entry in each tile
       for (int64_t s = 0; s < k; ++s) {
-        const __m512i ix = _mm512_cvtepu8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(id + s * kTileRows)));
-        const __m512 w = load16(v + s * kTileRows);
+        const int64_t e = e0 + s * kTileRows;
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; ++t) {
+          const V* v = tv + t * tile_stride + e;
+          const uint8_t* id = ti + t * tile_stride + e;
+          // software prefetch: the hardware prefetchers stop at every 4 KiB page
+          _mm_prefetch(reinterpret_cast<const char*>(v) + kTilePrefetchBytes, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(id) + kTilePrefetchBytes / 4, _MM_HINT_T0);
+          const __m512i ix =
+              _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(id)));
+          const __m512 w = load16(v);
 #pragma GCC unroll 8
-        for (int n = 0; n < NB; ++n) blk[n] = _mm512_fmadd_ps(w, lookup<NREG>(xr[n], ix), blk[n]);
+          for (int n = 0; n < NB; ++n) {
+            blk[t][n] = _mm512_fmadd_ps(w, lookup<NREG>(xr[n], ix), blk[t][n]);
+          }
+        }
       }
     }
 #pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) res[n] = _mm512_add_ps(res[n], blk[n]);
+    for (int t = 0; t < TT; ++t) {
+#pragma GCC unroll 8
+      for (int n = 0; n < NB; ++n) res[t][n] = _mm512_add_ps(res[t][n], blk[t][n]);
+    }
   }
 }
 #else
