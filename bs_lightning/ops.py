@@ -32,6 +32,7 @@ __all__ = [
     "balanced_linear",
     "balanced_linear_reference",
     "balanced_linear_tiled",
+    "balanced_lstm_layer",
     "check_inputs",
     "cpu_tiles_supported",
     "dense_crossover",
@@ -404,6 +405,43 @@ def balanced_linear_tiled(
     )
 
 
+def balanced_lstm_layer(
+    gates_x: torch.Tensor,
+    h0: torch.Tensor,
+    c0: torch.Tensor,
+    tile_values: torch.Tensor,
+    tile_indices: torch.Tensor,
+    bank_size: int,
+    reverse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM layer's recurrence in one direction, `W_hh` in the CPU tile layout.
+
+    Runs `torch.ops.bs_lightning.balanced_lstm_layer` (compiled CPU op, fp32): per step
+    `gates = gates_x[t] + h W_hh^T`, then PyTorch's gates `i, f, g, o`.
+
+    Args:
+        gates_x: `[T, B, 4H]` float32, `x W_ih^T` plus both biases for every step.
+        h0: `[B, H]` float32 initial hidden state.
+        c0: `[B, H]` float32 initial cell state.
+        tile_values: `W_hh [4H, H]` values from `pack_tiles`, `[ceil(4H / 16), width, 16]`.
+        tile_indices: the matching uint8 indices.
+        bank_size: columns per bank of `W_hh`, 1..64.
+        reverse: run the steps from `T - 1` down to 0 (the reverse direction).
+
+    Returns:
+        `(out [T, B, H], h_T [B, H], c_T [B, H])`.
+
+    Raises:
+        RuntimeError: when the compiled library is not loaded.
+        TypeError, ValueError: wrong dtypes or shapes (from the op, naming the argument).
+    """
+    if not _build.is_loaded():
+        raise RuntimeError(f"balanced_lstm_layer needs the compiled kernels: {_build.last_error()}")
+    return torch.ops.bs_lightning.balanced_lstm_layer(
+        gates_x, h0, c0, tile_values, tile_indices, bank_size, reverse
+    )
+
+
 def _register_fake() -> None:
     """Shape/dtype function for `torch.compile` and meta tensors (runs once the op exists)."""
 
@@ -416,6 +454,20 @@ def _register_fake() -> None:
     def _(x, values, indices, bank_size, in_features, out_features, bias=None):
         check_tiled_inputs(x, values, indices, bank_size, in_features, out_features, bias)
         return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("bs_lightning::balanced_lstm_layer")
+    def _(gates_x, h0, c0, values, indices, bank_size, reverse):
+        if h0.dim() != 2 or gates_x.dim() != 3 or gates_x.shape[1:] != (h0.size(0), 4 * h0.size(1)):
+            raise ValueError(
+                f"balanced_lstm_layer: gates_x must be [T, B, 4H] for h0 [B, H], got "
+                f"{list(gates_x.shape)} and {list(h0.shape)}"
+            )
+        steps, batch, hidden = gates_x.size(0), h0.size(0), h0.size(1)
+        return (
+            gates_x.new_empty(steps, batch, hidden),
+            h0.new_empty(batch, hidden),
+            c0.new_empty(batch, hidden),
+        )
 
 
 _build.on_load("register_fake", _register_fake)

@@ -13,6 +13,11 @@ TORCH_LIBRARY(bs_lightning, m) {
   m.def(
       "balanced_linear_tiled(Tensor x, Tensor values, Tensor indices, int bank_size, "
       "int in_features, int out_features, Tensor? bias=None) -> Tensor");
+  // One LSTM layer's recurrence (one direction) with W_hh in the tile layout (CPU only):
+  // gates_x [T, B, 4H] = x W_ih^T + biases -> (out [T, B, H], h_T, c_T).
+  m.def(
+      "balanced_lstm_layer(Tensor gates_x, Tensor h0, Tensor c0, Tensor values, "
+      "Tensor indices, int bank_size, bool reverse) -> (Tensor, Tensor, Tensor)");
   // "avx512" when the tile kernel is vectorised in this build, else "portable".
   m.def("cpu_isa() -> str", &bs_lightning::cpu::cpu_isa);
   // Smallest number of input rows at which the tiled op unpacks to a dense GEMM.

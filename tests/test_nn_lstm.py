@@ -6,9 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from bs_lightning import ops
 from bs_lightning.nn import BalancedSparseLSTM
 from bs_lightning.nn.lstm import lstm_weight_names
 from bs_lightning.sparsity import balanced_mask
+
+ops.load()  # the skip conditions below ask which kernels this build has
 
 
 def _pruned_lstm(bank, sparsity, seed=0, **kwargs):
@@ -61,23 +64,83 @@ def test_matches_masked_lstm(kwargs, bank, sparsity, batch):
     _assert_same(sparse(x_nc), lstm(x_nc))
 
 
-def test_one_product_for_the_input_and_one_per_step(monkeypatch):
+def _count_calls(monkeypatch, sparse):
+    """Records the input shape of every `_product` and every fused layer call."""
+    calls = []
+    product, layer = sparse._product, ops.balanced_lstm_layer
+
+    def counting_product(prefix, x, *args, **kwargs):
+        calls.append(("product", tuple(x.shape)))
+        return product(prefix, x, *args, **kwargs)
+
+    def counting_layer(gates_x, *args, **kwargs):
+        calls.append(("layer", tuple(gates_x.shape)))
+        return layer(gates_x, *args, **kwargs)
+
+    monkeypatch.setattr(sparse, "_product", counting_product)
+    monkeypatch.setattr(ops, "balanced_lstm_layer", counting_layer)
+    return calls
+
+
+def test_python_loop_one_product_for_the_input_and_one_per_step(monkeypatch):
+    # without the compiled CPU op (here: forced reference) the recurrence runs in Python
+    monkeypatch.setenv(ops.FORCE_REFERENCE_ENV, "1")
     lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, num_layers=2, bidirectional=True)
     sparse = BalancedSparseLSTM.from_dense(lstm, 8)
-    shapes = []
-    real = sparse._product
-
-    def counting(prefix, x, *args, **kwargs):
-        shapes.append(tuple(x.shape))
-        return real(prefix, x, *args, **kwargs)
-
-    monkeypatch.setattr(sparse, "_product", counting)
+    calls = _count_calls(monkeypatch, sparse)
     steps, batch = 5, 3
-    sparse(torch.randn(steps, batch, 16))
+    x = torch.randn(steps, batch, 16)
+    _assert_same(sparse(x), lstm(x))
     # per layer and direction: the whole sequence at once, then one [B, H] x [4H, H] per step
-    first = [(steps, batch, 16)] + [(batch, 16)] * steps
-    second = [(steps, batch, 32)] + [(batch, 16)] * steps
-    assert shapes == first * 2 + second * 2
+    first = [("product", (steps, batch, 16))] + [("product", (batch, 16))] * steps
+    second = [("product", (steps, batch, 32))] + [("product", (batch, 16))] * steps
+    assert calls == first * 2 + second * 2
+
+
+@pytest.mark.skipif(not ops.cpu_tiles_supported(8), reason="needs the AVX-512 tile kernel")
+def test_fused_cpu_layer_one_call_per_layer_and_direction(monkeypatch):
+    lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, num_layers=2, bidirectional=True)
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8)
+    calls = _count_calls(monkeypatch, sparse)
+    steps, batch = 5, 3
+    x = torch.randn(steps, batch, 16)
+    _assert_same(sparse(x), lstm(x))
+    first = [("product", (steps, batch, 16)), ("layer", (steps, batch, 64))]
+    second = [("product", (steps, batch, 32)), ("layer", (steps, batch, 64))]
+    assert calls == first * 2 + second * 2
+
+
+@pytest.mark.skipif(not ops.cpu_tiles_supported(50), reason="needs the AVX-512 tile kernel")
+@pytest.mark.parametrize("hidden, bank, batch", [(200, 50, 1), (37, 16, 4), (64, 64, 2)])
+def test_fused_cpu_layer_matches_nn_lstm_with_state(hidden, bank, batch):
+    # odd hidden sizes leave a masked tail in the gate loop and a padded last tile
+    lstm = _pruned_lstm(bank, 0.875, input_size=hidden, hidden_size=hidden, num_layers=2)
+    sparse = BalancedSparseLSTM.from_dense(lstm, bank)
+    x = torch.randn(7, batch, hidden)
+    h0, c0 = torch.randn(2, batch, hidden), torch.randn(2, batch, hidden)
+    _assert_same(sparse(x, (h0, c0)), lstm(x, (h0, c0)))
+    big = 30 * torch.randn(7, batch, hidden)  # saturated gates: exp clamps, no inf or NaN
+    _assert_same(sparse(big), lstm(big))
+
+
+def test_fused_layer_errors_name_the_argument():
+    lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, num_layers=1)
+    values, indices = ops.pack_tiles(
+        *[
+            getattr(BalancedSparseLSTM.from_dense(lstm, 8), "weight_hh_l0_" + n)
+            for n in ("values", "indices")
+        ]
+    )
+    gates, h = torch.randn(5, 2, 64), torch.randn(2, 16)
+    with pytest.raises(TypeError, match="h0 must be torch.float32"):
+        ops.balanced_lstm_layer(gates, h.double(), h, values, indices, 8)
+    with pytest.raises(ValueError, match=r"gates_x must be \[T, B=2, 4H=64\]"):
+        ops.balanced_lstm_layer(gates[..., :60], h, h, values, indices, 8)
+    with pytest.raises(ValueError, match=r"values must be W_hh \[4H, H\] in the tile layout"):
+        ops.balanced_lstm_layer(gates, h, h, values[:2], indices[:2], 8)
+    torch.library.opcheck(
+        torch.ops.bs_lightning.balanced_lstm_layer, (gates, h, h, values, indices, 8, True)
+    )
 
 
 def test_per_matrix_bank_sizes_and_to_dense():

@@ -133,10 +133,7 @@ class BalancedSparseModule(nn.Module):
         indices = getattr(self, prefix + "indices")
         if rows is not None:
             values, indices = values[rows], indices[rows]
-        if torch.compiler.is_compiling() or x.device.type != "cpu":
-            return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
-        ops.load()
-        if not ops.cpu_tiles_supported(bank_size) or x.dtype != values.dtype:
+        if not self._tiles_apply(x, values, bank_size):
             return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
         key = (prefix, None if rows is None else (rows.start, rows.stop))
         batch = x.numel() // in_features
@@ -153,6 +150,26 @@ class BalancedSparseModule(nn.Module):
         )
         return ops.balanced_linear_tiled(
             x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
+        )
+
+    @staticmethod
+    def _tiles_apply(x: torch.Tensor, values: torch.Tensor, bank_size: int) -> bool:
+        """True when the CPU tile kernel runs this product (eager, CPU, AVX-512 build, bank
+        <= 64, matching dtypes); otherwise `ops.balanced_linear` runs it."""
+        if torch.compiler.is_compiling() or x.device.type != "cpu":
+            return False
+        ops.load()
+        return ops.cpu_tiles_supported(bank_size) and x.dtype == values.dtype
+
+    def _cpu_tiles(self, prefix: str, x: torch.Tensor):
+        """`(tile_values, tile_indices)` of matrix `prefix` when the tile kernel applies to
+        inputs like `x`, else None."""
+        values = getattr(self, prefix + "values")
+        indices = getattr(self, prefix + "indices")
+        if not self._tiles_apply(x, values, self._layouts[prefix][2]):
+            return None
+        return self._derived(
+            (prefix, None, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
         )
 
     def _apply(self, fn, recurse=True):

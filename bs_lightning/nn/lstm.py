@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from bs_lightning import ops
 from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
 
 __all__ = ["BalancedSparseLSTM", "lstm_weight_names"]
@@ -137,11 +138,16 @@ class BalancedSparseLSTM(BalancedSparseModule):
         """
         bias = getattr(self, "bias" + suffix) if self.has_bias else None
         gates_x = self._product("weight_ih" + suffix + "_", x, bias)  # [T, B, 4H], one call
+        reverse = suffix.endswith("_reverse")
+        hh = "weight_hh" + suffix + "_"
+        tiles = self._cpu_tiles(hh, h) if h.dtype == torch.float32 else None
+        if tiles is not None:  # the whole recurrence in one compiled call
+            return ops.balanced_lstm_layer(gates_x, h, c, *tiles, self._layouts[hh][2], reverse)
         steps = x.shape[0]
-        order = range(steps - 1, -1, -1) if suffix.endswith("_reverse") else range(steps)
+        order = range(steps - 1, -1, -1) if reverse else range(steps)
         outs: list[torch.Tensor] = [x] * steps  # placeholders, every slot is overwritten
         for t in order:
-            gates = gates_x[t] + self._product("weight_hh" + suffix + "_", h, None)  # [B, 4H]
+            gates = gates_x[t] + self._product(hh, h, None)  # [B, 4H]
             i, f, g, o = gates.chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "balanced_linear.h"
-#include "cpu/tiled_kernels.h"
+#include "cpu/tiled_driver.h"
 
 namespace bs_lightning::cpu {
 namespace {
@@ -73,110 +73,6 @@ int64_t check_tiled_inputs(const at::Tensor& x, const at::Tensor& values,
   return k;
 }
 
-struct TiledArgs {
-  const float* x;  // [M, in] fp32, contiguous
-  int64_t M, in, out_features, n_tiles, width, k, bank_size;
-  const float* bias;  // [out] fp32 or nullptr
-};
-
-#if defined(__AVX512F__)
-// Writes 16 lanes (the first `valid`) of one output row.
-template <typename V>
-inline void store_row(V* dst, __m512 r, int64_t valid) {
-  alignas(64) float f[16];
-  _mm512_store_ps(f, r);
-  for (int64_t l = 0; l < valid; ++l) dst[l] = static_cast<V>(f[l]);
-}
-template <>
-inline void store_row<float>(float* dst, __m512 r, int64_t valid) {
-  _mm512_mask_storeu_ps(dst, prefix_mask(valid), r);
-}
-
-// Tiles run in lockstep by one pass: as many as leave registers for x and the sums.
-template <int NREG, int NB>
-constexpr int tiles_per_pass() {
-  return NB * NREG <= 4 ? 4 : (NB * NREG <= 8 ? 2 : 1);
-}
-
-// Input rows [m0, m0 + NB) against the TT tiles from tile t.
-template <typename V, int NREG, int NB, int TT>
-void tile_pass(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t t, int64_t m0,
-               V* out) {
-  const int64_t stride = a.width * kTileRows;
-  __m512 res[TT][NB];
-  tile_permute<V, NREG, NB, TT>(tv + t * stride, ti + t * stride, stride, a.width / a.k, a.k,
-                                a.bank_size, a.x + m0 * a.in, a.in, a.in, res);
-#pragma GCC unroll 4
-  for (int u = 0; u < TT; ++u) {
-    const int64_t o0 = (t + u) * kTileRows, valid = std::min(kTileRows, a.out_features - o0);
-    const __m512 bias = a.bias ? _mm512_maskz_loadu_ps(prefix_mask(valid), a.bias + o0)
-                               : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int n = 0; n < NB; ++n) {
-      store_row(out + (m0 + n) * a.out_features + o0, _mm512_add_ps(res[u][n], bias), valid);
-    }
-  }
-}
-
-// Input rows [m0, m0 + NB) against tiles [g0, g1).
-template <typename V, int NREG, int NB>
-void group_pass(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t g0, int64_t g1,
-                int64_t m0, V* out) {
-  constexpr int TT = tiles_per_pass<NREG, NB>();
-  int64_t t = g0;
-  for (; t + TT <= g1; t += TT) tile_pass<V, NREG, NB, TT>(a, tv, ti, t, m0, out);
-  for (; t < g1; ++t) tile_pass<V, NREG, NB, 1>(a, tv, ti, t, m0, out);
-}
-
-// group_pass with NB = nb (1 <= nb <= NB) chosen at run time.
-template <typename V, int NREG, int NB>
-void group_pass_rows(const TiledArgs& a, const V* tv, const uint8_t* ti, int64_t g0, int64_t g1,
-                     int64_t m0, int64_t nb, V* out) {
-  if constexpr (NB > 0) {
-    if (nb == NB) return group_pass<V, NREG, NB>(a, tv, ti, g0, g1, m0, out);
-    group_pass_rows<V, NREG, NB - 1>(a, tv, ti, g0, g1, m0, nb, out);
-  }
-}
-
-// Bytes of compact weight per group of tiles that a thread keeps in its L2 while every
-// chunk of x passes over the group: chunk-outer, tile-inner would stream all of x from L3
-// once per tile, which made batch 256 four times slower than batch 64 per product.
-constexpr int64_t kGroupBytes = int64_t{256} << 10;
-
-template <typename V, int NREG>
-void run_permute(const TiledArgs& a, const V* tv, const uint8_t* ti, V* out) {
-  // x rows per pass over a tile: NB * NREG registers of x must fit beside the sums
-  constexpr int NB = NREG == 4 ? 4 : 8;
-  const int64_t tile_bytes = a.width * kTileRows * static_cast<int64_t>(sizeof(V) + 1);
-  const int64_t group = std::max<int64_t>(4, kGroupBytes / tile_bytes);
-  at::parallel_for(0, a.n_tiles, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t g0 = t0; g0 < t1; g0 += group) {
-      const int64_t g1 = std::min(t1, g0 + group);
-      for (int64_t m0 = 0; m0 < a.M; m0 += NB) {
-        group_pass_rows<V, NREG, NB>(a, tv, ti, g0, g1, m0, std::min<int64_t>(NB, a.M - m0), out);
-      }
-    }
-  });
-}
-#endif
-
-template <typename V>
-void run_portable(const TiledArgs& a, const V* tv, const uint8_t* ti, V* out) {
-  const int64_t tile_elems = a.width * kTileRows;
-  at::parallel_for(0, a.n_tiles, 4, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t o0 = t * kTileRows, valid = std::min(kTileRows, a.out_features - o0);
-      for (int64_t m = 0; m < a.M; ++m) {
-        for (int64_t l = 0; l < valid; ++l) {
-          const float s = tile_lane_dot(tv + t * tile_elems, ti + t * tile_elems, a.width, a.k,
-                                        a.bank_size, a.x + m * a.in, a.in, l);
-          out[m * a.out_features + o0 + l] = static_cast<V>(a.bias ? s + a.bias[o0 + l] : s);
-        }
-      }
-    }
-  });
-}
-
 // Large M: unpack 16-row tiles block by block into a reused dense [rows, in + bank] matrix
 // (the pad columns absorb an index past in_features) and multiply it with the GEMM.
 template <typename V>
@@ -215,21 +111,6 @@ void run_dense(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
       at::mm_out(dst, x2, w.t());
     }
   }
-}
-
-template <typename V>
-void run_tiled(const TiledArgs& a, const at::Tensor& values, const at::Tensor& indices,
-               at::Tensor& out) {
-  const V* tv = values.const_data_ptr<V>();
-  const uint8_t* ti = indices.const_data_ptr<uint8_t>();
-  V* optr = out.mutable_data_ptr<V>();
-#if defined(__AVX512F__)
-  if (a.bank_size <= 16) return run_permute<V, 1>(a, tv, ti, optr);
-  if (a.bank_size <= 32) return run_permute<V, 2>(a, tv, ti, optr);
-  return run_permute<V, 4>(a, tv, ti, optr);
-#else
-  run_portable<V>(a, tv, ti, optr);
-#endif
 }
 
 }  // namespace
@@ -280,12 +161,14 @@ at::Tensor balanced_linear_tiled_cpu(const at::Tensor& x, const at::Tensor& valu
                     k,
                     bank_size,
                     bias_f.defined() ? bias_f.const_data_ptr<float>() : nullptr};
+  const uint8_t* iptr = idx.const_data_ptr<uint8_t>();
   if (dtype == at::kFloat) {
-    run_tiled<float>(a, v, idx, out);
+    run_tiled<float>(a, v.const_data_ptr<float>(), iptr, out.mutable_data_ptr<float>());
   } else if (dtype == at::kBFloat16) {
-    run_tiled<c10::BFloat16>(a, v, idx, out);
+    run_tiled<c10::BFloat16>(a, v.const_data_ptr<c10::BFloat16>(), iptr,
+                             out.mutable_data_ptr<c10::BFloat16>());
   } else {
-    run_tiled<c10::Half>(a, v, idx, out);
+    run_tiled<c10::Half>(a, v.const_data_ptr<c10::Half>(), iptr, out.mutable_data_ptr<c10::Half>());
   }
   return out.view(out_shape);
 }
