@@ -5,12 +5,19 @@
 # Hydra multiruns and one dense run with the same fine-tuning steps (the fair dense cell),
 # then bs-report over these 10 runs.
 # Usage: scripts/lstm_ptb_small.sh [OUT_DIR]   (default outputs/lstm_ptb_small)
-#   PRETRAIN_BATCHES: BPTT windows of dense pretraining (default 300; 830 = one epoch)
+#   PRETRAIN_BATCHES: BPTT windows per epoch of dense pretraining (default 300; 830 = all)
+#   PRETRAIN_EPOCHS: epochs of dense pretraining (default 1)
+#   FINETUNE_BATCHES: BPTT windows of each pruning run (default 60); the target sparsity is
+#     reached after 70% of them (pruning.end_step), then the rest fine-tunes
 #   PARALLEL=1: run the three patterns' sweeps at once (on a CPU shared with other jobs this
 #   gets a larger share of it)
 set -euo pipefail
 OUT=${1:-outputs/lstm_ptb_small}
 PRETRAIN_BATCHES=${PRETRAIN_BATCHES:-300}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-1}
+FINETUNE_BATCHES=${FINETUNE_BATCHES:-60}
+END_STEP=$((FINETUNE_BATCHES * 7 / 10))
+FINETUNE="trainer.limit_train_batches=$FINETUNE_BATCHES pruning.end_step=$END_STEP"
 
 PRE="${OUT}_pretrain"
 CKPT="$PRE/checkpoints/last.ckpt"
@@ -18,7 +25,7 @@ CKPT="$PRE/checkpoints/last.ckpt"
 export BS_LIGHTNING_NO_CUDA=${BS_LIGHTNING_NO_CUDA:-1}
 
 if [ ! -f "$CKPT" ]; then
-  bs-train recipe=lstm_ptb_small pruning.sparsity=0 \
+  bs-train recipe=lstm_ptb_small pruning.sparsity=0 trainer.max_epochs="$PRETRAIN_EPOCHS" \
     trainer.limit_train_batches="$PRETRAIN_BATCHES" trainer.enable_progress_bar=false \
     hydra.run.dir="$PRE"
 fi
@@ -27,12 +34,14 @@ mkdir -p "$OUT"
 # One multirun over the sparsities per pattern. The pretrain run already tested the dense
 # weights: skip that test pass in every pruning run.
 sweep() {
-  bs-train -m recipe=lstm_ptb_small init_from="$CKPT" \
+  # shellcheck disable=SC2086
+  bs-train -m recipe=lstm_ptb_small init_from="$CKPT" $FINETUNE \
     evaluate.test_dense_baseline=false trainer.enable_progress_bar=false \
     pruning.pattern="$1" pruning.sparsity=0.6,0.8,0.9 hydra.sweep.dir="$OUT/sweep_$1"
 }
 dense() {
-  bs-train recipe=lstm_ptb_small init_from="$CKPT" pruning.sparsity=0 \
+  # shellcheck disable=SC2086
+  bs-train recipe=lstm_ptb_small init_from="$CKPT" pruning.sparsity=0 $FINETUNE \
     trainer.enable_progress_bar=false hydra.run.dir="$OUT/dense"
 }
 if [ "${PARALLEL:-0}" = 1 ]; then

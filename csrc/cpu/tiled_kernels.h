@@ -87,15 +87,29 @@ inline void tile_permute(const V* tv, const uint8_t* ti, int64_t tile_stride, in
         for (int n = 0; n < NB; ++n) xr[n][r] = _mm512_maskz_loadu_ps(m, x + n * ldx + col + 16 * r);
       }
       const int64_t e0 = b * k * kTileRows;  // the bank's first entry in each tile
+      // software prefetch, a distance ahead in every stream (the hardware prefetchers stop
+      // at each 4 KiB page): the indices' lines of this bank once, the values' in the loop
+#pragma GCC unroll 4
+      for (int t = 0; t < TT; ++t) {
+        _mm_prefetch(reinterpret_cast<const char*>(ti + t * tile_stride + e0) +
+                         kTilePrefetchBytes / static_cast<int64_t>(sizeof(V)),
+                     _MM_HINT_T0);
+      }
       for (int64_t s = 0; s < k; ++s) {
         const int64_t e = e0 + s * kTileRows;
+        if ((s & 3) == 3) {  // banks with k > 4 entries span more than one line of indices
+#pragma GCC unroll 4
+          for (int t = 0; t < TT; ++t) {
+            _mm_prefetch(reinterpret_cast<const char*>(ti + t * tile_stride + e) +
+                             kTilePrefetchBytes / static_cast<int64_t>(sizeof(V)),
+                         _MM_HINT_T0);
+          }
+        }
 #pragma GCC unroll 4
         for (int t = 0; t < TT; ++t) {
           const V* v = tv + t * tile_stride + e;
           const uint8_t* id = ti + t * tile_stride + e;
-          // software prefetch: the hardware prefetchers stop at every 4 KiB page
           _mm_prefetch(reinterpret_cast<const char*>(v) + kTilePrefetchBytes, _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(id) + kTilePrefetchBytes / 4, _MM_HINT_T0);
           const __m512i ix =
               _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(id)));
           const __m512 w = load16(v);
