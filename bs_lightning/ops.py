@@ -77,66 +77,82 @@ def check_inputs(
         TypeError: wrong dtype of `x`, `values`, `indices` or `bias`.
         ValueError: bad `bank_size`/`in_features`, shape mismatch, or devices differ.
     """
-    if not x.is_floating_point():
-        raise TypeError(f"balanced_linear: x must be floating point, got {x.dtype}")
-    if values.dtype != x.dtype:
-        raise TypeError(
-            f"balanced_linear: values.dtype ({values.dtype}) must equal x.dtype ({x.dtype})"
-        )
-    if indices.dtype != torch.uint8:
-        raise TypeError(f"balanced_linear: indices must be torch.uint8, got {indices.dtype}")
-    if not 1 <= bank_size <= MAX_BANK_SIZE:
-        raise ValueError(
-            f"balanced_linear: bank_size must be in 1..{MAX_BANK_SIZE} (uint8 in-bank "
-            f"indices), got {bank_size}"
-        )
+    name = "balanced_linear"
+    _check_operands(name, x, values, indices)
+    _check_bank_size(name, bank_size, MAX_BANK_SIZE, "uint8 in-bank indices")
     if in_features < 1:
-        raise ValueError(f"balanced_linear: in_features must be >= 1, got {in_features}")
+        raise ValueError(f"{name}: in_features must be >= 1, got {in_features}")
+    _check_x(name, x, in_features)
+    if values.dim() != 2:
+        raise ValueError(f"{name}: values must be 2-D [out, n_banks * k], got {list(values.shape)}")
+    _check_same_shape(name, values, indices)
+    k = _check_width(name, values.size(1), bank_size, in_features)
+    _check_devices_and_bias(name, x, values, indices, bias, "out", values.size(0))
+    return k
+
+
+# --- checks shared by the ops (messages equal to the C++ ones in csrc/) ----------------------
+
+
+def _check_operands(name, x, values, indices) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"{name}: values.dtype ({values.dtype}) must equal x.dtype ({x.dtype})")
+    if indices.dtype != torch.uint8:
+        raise TypeError(f"{name}: indices must be torch.uint8, got {indices.dtype}")
+
+
+def _check_bank_size(name: str, bank_size: int, largest: int, why: str) -> None:
+    if not 1 <= bank_size <= largest:
+        raise ValueError(f"{name}: bank_size must be in 1..{largest} ({why}), got {bank_size}")
+
+
+def _check_x(name: str, x: torch.Tensor, in_features: int) -> None:
     if x.dim() < 1 or x.size(-1) != in_features:
         raise ValueError(
-            f"balanced_linear: x must have shape [..., in_features={in_features}], "
-            f"got {list(x.shape)}"
+            f"{name}: x must have shape [..., in_features={in_features}], got {list(x.shape)}"
         )
-    if values.dim() != 2:
-        raise ValueError(
-            f"balanced_linear: values must be 2-D [out, n_banks * k], got {list(values.shape)}"
-        )
+
+
+def _check_same_shape(name: str, values: torch.Tensor, indices: torch.Tensor) -> None:
     if indices.shape != values.shape:
         raise ValueError(
-            f"balanced_linear: indices shape {list(indices.shape)} must equal values shape "
+            f"{name}: indices shape {list(indices.shape)} must equal values shape "
             f"{list(values.shape)}"
         )
+
+
+def _check_width(name: str, width: int, bank_size: int, in_features: int) -> int:
+    """Entries per row must be whole banks of k <= bank_size entries; returns k."""
     n_banks = math.ceil(in_features / bank_size)
-    if values.size(1) == 0 or values.size(1) % n_banks != 0:
+    if width == 0 or width % n_banks != 0:
         raise ValueError(
-            f"balanced_linear: values.size(1) ({values.size(1)}) must be a positive multiple "
-            f"of n_banks = ceil(in_features / bank_size) = {n_banks}"
+            f"{name}: values.size(1) ({width}) must be a positive multiple of n_banks = "
+            f"ceil(in_features / bank_size) = {n_banks}"
         )
-    k = values.size(1) // n_banks
+    k = width // n_banks
     if k > bank_size:
-        raise ValueError(
-            f"balanced_linear: keep-count k = {k} per bank exceeds bank_size = {bank_size}"
-        )
+        raise ValueError(f"{name}: keep-count k = {k} per bank exceeds bank_size = {bank_size}")
+    return k
+
+
+def _check_devices_and_bias(name, x, values, indices, bias, out_label: str, out: int) -> None:
     if values.device != x.device or indices.device != x.device:
         raise ValueError(
-            f"balanced_linear: x ({x.device}), values ({values.device}) and indices "
+            f"{name}: x ({x.device}), values ({values.device}) and indices "
             f"({indices.device}) must be on the same device"
         )
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise TypeError(
-                f"balanced_linear: bias.dtype ({bias.dtype}) must equal x.dtype ({x.dtype})"
-            )
-        if bias.dim() != 1 or bias.size(0) != values.size(0):
-            raise ValueError(
-                f"balanced_linear: bias must have shape [out={values.size(0)}], "
-                f"got {list(bias.shape)}"
-            )
-        if bias.device != x.device:
-            raise ValueError(
-                f"balanced_linear: bias ({bias.device}) must be on x's device ({x.device})"
-            )
-    return k
+    if bias is None:
+        return
+    if bias.dtype != x.dtype:
+        raise TypeError(f"{name}: bias.dtype ({bias.dtype}) must equal x.dtype ({x.dtype})")
+    if bias.dim() != 1 or bias.size(0) != out:
+        raise ValueError(
+            f"{name}: bias must have shape [{out_label}={out}], got {list(bias.shape)}"
+        )
+    if bias.device != x.device:
+        raise ValueError(f"{name}: bias ({bias.device}) must be on x's device ({x.device})")
 
 
 def balanced_linear_reference(
@@ -304,64 +320,25 @@ def check_tiled_inputs(
 ) -> int:
     """Validate `balanced_linear_tiled`'s arguments as its C++ checks do; returns `k`."""
     name = "balanced_linear_tiled"
-    if not x.is_floating_point():
-        raise TypeError(f"{name}: x must be floating point, got {x.dtype}")
-    if tile_values.dtype != x.dtype:
-        raise TypeError(
-            f"{name}: values.dtype ({tile_values.dtype}) must equal x.dtype ({x.dtype})"
-        )
-    if tile_indices.dtype != torch.uint8:
-        raise TypeError(f"{name}: indices must be torch.uint8, got {tile_indices.dtype}")
-    if not 1 <= bank_size <= MAX_TILED_BANK:
-        raise ValueError(
-            f"{name}: bank_size must be in 1..{MAX_TILED_BANK} (the tile kernel holds a bank "
-            f"of x in registers), got {bank_size}"
-        )
+    _check_operands(name, x, tile_values, tile_indices)
+    _check_bank_size(
+        name, bank_size, MAX_TILED_BANK, "the tile kernel holds a bank of x in registers"
+    )
     if in_features < 1 or out_features < 1:
         raise ValueError(
             f"{name}: in_features and out_features must be >= 1, got {in_features} and "
             f"{out_features}"
         )
-    if x.dim() < 1 or x.size(-1) != in_features:
-        raise ValueError(
-            f"{name}: x must have shape [..., in_features={in_features}], got {list(x.shape)}"
-        )
+    _check_x(name, x, in_features)
     n_tiles = -(-out_features // TILE_ROWS)
     if tile_values.dim() != 3 or tile_values.size(0) != n_tiles or tile_values.size(2) != TILE_ROWS:
         raise ValueError(
             f"{name}: values must have shape [ceil(out_features / 16) = {n_tiles}, "
             f"n_banks * k, 16], got {list(tile_values.shape)}"
         )
-    if tile_indices.shape != tile_values.shape:
-        raise ValueError(
-            f"{name}: indices shape {list(tile_indices.shape)} must equal values shape "
-            f"{list(tile_values.shape)}"
-        )
-    n_banks = math.ceil(in_features / bank_size)
-    width = tile_values.size(1)
-    if width == 0 or width % n_banks != 0:
-        raise ValueError(
-            f"{name}: values.size(1) ({width}) must be a positive multiple of n_banks = "
-            f"ceil(in_features / bank_size) = {n_banks}"
-        )
-    k = width // n_banks
-    if k > bank_size:
-        raise ValueError(f"{name}: keep-count k = {k} per bank exceeds bank_size = {bank_size}")
-    if tile_values.device != x.device or tile_indices.device != x.device:
-        raise ValueError(
-            f"{name}: x ({x.device}), values ({tile_values.device}) and indices "
-            f"({tile_indices.device}) must be on the same device"
-        )
-    if bias is not None:
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{name}: bias.dtype ({bias.dtype}) must equal x.dtype ({x.dtype})")
-        if bias.dim() != 1 or bias.size(0) != out_features:
-            raise ValueError(
-                f"{name}: bias must have shape [out_features={out_features}], "
-                f"got {list(bias.shape)}"
-            )
-        if bias.device != x.device:
-            raise ValueError(f"{name}: bias ({bias.device}) must be on x's device ({x.device})")
+    _check_same_shape(name, tile_values, tile_indices)
+    k = _check_width(name, tile_values.size(1), bank_size, in_features)
+    _check_devices_and_bias(name, x, tile_values, tile_indices, bias, "out_features", out_features)
     return k
 
 

@@ -5,21 +5,26 @@
 # Hydra multiruns and one dense run with the same fine-tuning steps (the fair dense cell),
 # then bs-report over these 10 runs.
 # Usage: scripts/lstm_ptb_small.sh [OUT_DIR]   (default outputs/lstm_ptb_small)
-#   PRETRAIN_BATCHES: BPTT windows per epoch of dense pretraining (default 300; 830 = all)
-#   PRETRAIN_EPOCHS: epochs of dense pretraining (default 1)
-#   FINETUNE_BATCHES: BPTT windows of each pruning run (default 60); the target sparsity is
+#   PRETRAIN_BATCHES: BPTT windows per epoch of dense pretraining (default 830 = all)
+#   PRETRAIN_EPOCHS: epochs of dense pretraining (default 2)
+#   FINETUNE_BATCHES: BPTT windows of each pruning run (default 200); the target sparsity is
 #     reached after 70% of them (pruning.end_step), then the rest fine-tunes
+#   PRETRAIN_DIR: folder of the dense pretraining run to start from (default OUT_pretrain)
+#   EXTRA: more Hydra overrides for the 10 runs; docs/results/lstm_ptb_small_all_layers.* (the
+#     decoder pruned too) came from EXTRA=pruning.exclude=null NAME=lstm_ptb_small_all_layers
+#   NAME: docs/results/NAME.{md,json,png} to write (default lstm_ptb_small)
 #   PARALLEL=1: run the three patterns' sweeps at once (on a CPU shared with other jobs this
 #   gets a larger share of it)
 set -euo pipefail
 OUT=${1:-outputs/lstm_ptb_small}
-PRETRAIN_BATCHES=${PRETRAIN_BATCHES:-300}
-PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-1}
-FINETUNE_BATCHES=${FINETUNE_BATCHES:-60}
+PRETRAIN_BATCHES=${PRETRAIN_BATCHES:-830}
+PRETRAIN_EPOCHS=${PRETRAIN_EPOCHS:-2}
+FINETUNE_BATCHES=${FINETUNE_BATCHES:-200}
 END_STEP=$((FINETUNE_BATCHES * 7 / 10))
-FINETUNE="trainer.limit_train_batches=$FINETUNE_BATCHES pruning.end_step=$END_STEP"
+FINETUNE="trainer.limit_train_batches=$FINETUNE_BATCHES pruning.end_step=$END_STEP ${EXTRA:-}"
 
-PRE="${OUT}_pretrain"
+PRE="${PRETRAIN_DIR:-${OUT}_pretrain}"
+NAME=${NAME:-lstm_ptb_small}
 CKPT="$PRE/checkpoints/last.ckpt"
 # the CPU kernels are all this machine runs: do not spend minutes compiling the CUDA ones
 export BS_LIGHTNING_NO_CUDA=${BS_LIGHTNING_NO_CUDA:-1}
@@ -57,6 +62,6 @@ fi
 
 bs-report "$OUT" --out "$OUT" --title "lstm_ptb_small: 2x200 LSTM LM on PTB, 2-core CPU"
 mkdir -p docs/results
-cp "$OUT/report.md" docs/results/lstm_ptb_small.md
-cp "$OUT/report.json" docs/results/lstm_ptb_small.json
-cp "$OUT/accuracy_vs_speedup.png" docs/results/lstm_ptb_small.png
+cp "$OUT/report.md" "docs/results/$NAME.md"
+cp "$OUT/report.json" "docs/results/$NAME.json"
+cp "$OUT/accuracy_vs_speedup.png" "docs/results/$NAME.png"
