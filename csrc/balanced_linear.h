@@ -36,52 +36,80 @@ inline std::string dtype_name(at::ScalarType t) {
   }
 }
 
-// Validates the arguments; returns the keep-count k per bank.
-// TORCH_CHECK_TYPE -> Python TypeError, TORCH_CHECK_VALUE -> Python ValueError.
+// Checks shared by the ops (balanced_linear here, balanced_linear_tiled in csrc/cpu/);
+// `op` prefixes every message. TORCH_CHECK_TYPE -> Python TypeError, TORCH_CHECK_VALUE ->
+// Python ValueError.
+inline void check_operand_dtypes(const char* op, const at::Tensor& x, const at::Tensor& values,
+                                 const at::Tensor& indices) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+                   dtype_name(x.scalar_type()));
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), op, ": values.dtype (",
+                   dtype_name(values.scalar_type()), ") must equal x.dtype (",
+                   dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte, op, ": indices must be torch.uint8, got ",
+                   dtype_name(indices.scalar_type()));
+}
+
+inline void check_bank_size(const char* op, int64_t bank_size, int64_t largest, const char* why) {
+  TORCH_CHECK_VALUE(bank_size >= 1 && bank_size <= largest, op, ": bank_size must be in 1..",
+                    largest, " (", why, "), got ", bank_size);
+}
+
+inline void check_x(const char* op, const at::Tensor& x, int64_t in_features) {
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features, op,
+                    ": x must have shape [..., in_features=", in_features, "], got ", x.sizes());
+}
+
+inline void check_same_shape(const char* op, const at::Tensor& values, const at::Tensor& indices) {
+  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), op, ": indices shape ", indices.sizes(),
+                    " must equal values shape ", values.sizes());
+}
+
+// Entries per row must be whole banks of k <= bank_size entries; returns k.
+inline int64_t check_width(const char* op, int64_t width, int64_t bank_size, int64_t in_features) {
+  const int64_t n_banks = ceil_div(in_features, bank_size);
+  TORCH_CHECK_VALUE(width > 0 && width % n_banks == 0, op, ": values.size(1) (", width,
+                    ") must be a positive multiple of n_banks = ceil(in_features / bank_size) = ",
+                    n_banks);
+  const int64_t k = width / n_banks;
+  TORCH_CHECK_VALUE(k <= bank_size, op, ": keep-count k = ", k, " per bank exceeds bank_size = ",
+                    bank_size);
+  return k;
+}
+
+inline void check_devices_and_bias(const char* op, const at::Tensor& x, const at::Tensor& values,
+                                   const at::Tensor& indices,
+                                   const std::optional<at::Tensor>& bias, const char* out_label,
+                                   int64_t out) {
+  TORCH_CHECK_VALUE(values.device() == x.device() && indices.device() == x.device(), op, ": x (",
+                    x.device(), "), values (", values.device(), ") and indices (",
+                    indices.device(), ") must be on the same device");
+  if (!bias.has_value()) return;
+  const at::Tensor& b = *bias;
+  TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), op, ": bias.dtype (",
+                   dtype_name(b.scalar_type()), ") must equal x.dtype (",
+                   dtype_name(x.scalar_type()), ")");
+  TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out, op, ": bias must have shape [", out_label,
+                    "=", out, "], got ", b.sizes());
+  TORCH_CHECK_VALUE(b.device() == x.device(), op, ": bias (", b.device(),
+                    ") must be on x's device (", x.device(), ")");
+}
+
+// Validates balanced_linear's arguments; returns the keep-count k per bank.
 inline int64_t check_balanced_linear_inputs(const at::Tensor& x, const at::Tensor& values,
                                             const at::Tensor& indices, int64_t bank_size,
                                             int64_t in_features,
                                             const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "balanced_linear: x must be floating point, got ", dtype_name(x.scalar_type()));
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "balanced_linear: values.dtype (",
-                   dtype_name(values.scalar_type()), ") must equal x.dtype (", dtype_name(x.scalar_type()), ")");
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte,
-                   "balanced_linear: indices must be torch.uint8, got ", dtype_name(indices.scalar_type()));
-  TORCH_CHECK_VALUE(bank_size >= 1 && bank_size <= kMaxBankSize,
-                    "balanced_linear: bank_size must be in 1..", kMaxBankSize,
-                    " (uint8 in-bank indices), got ", bank_size);
-  TORCH_CHECK_VALUE(in_features >= 1, "balanced_linear: in_features must be >= 1, got ",
-                    in_features);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features,
-                    "balanced_linear: x must have shape [..., in_features=", in_features,
-                    "], got ", x.sizes());
-  TORCH_CHECK_VALUE(values.dim() == 2,
-                    "balanced_linear: values must be 2-D [out, n_banks * k], got ",
+  constexpr const char* op = "balanced_linear";
+  check_operand_dtypes(op, x, values, indices);
+  check_bank_size(op, bank_size, kMaxBankSize, "uint8 in-bank indices");
+  TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1, got ", in_features);
+  check_x(op, x, in_features);
+  TORCH_CHECK_VALUE(values.dim() == 2, op, ": values must be 2-D [out, n_banks * k], got ",
                     values.sizes());
-  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "balanced_linear: indices shape ",
-                    indices.sizes(), " must equal values shape ", values.sizes());
-  const int64_t n_banks = ceil_div(in_features, bank_size);
-  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(1) % n_banks == 0,
-                    "balanced_linear: values.size(1) (", values.size(1),
-                    ") must be a positive multiple of n_banks = ceil(in_features / bank_size) = ",
-                    n_banks);
-  const int64_t k = values.size(1) / n_banks;
-  TORCH_CHECK_VALUE(k <= bank_size, "balanced_linear: keep-count k = ", k,
-                    " per bank exceeds bank_size = ", bank_size);
-  TORCH_CHECK_VALUE(values.device() == x.device() && indices.device() == x.device(),
-                    "balanced_linear: x (", x.device(), "), values (", values.device(),
-                    ") and indices (", indices.device(), ") must be on the same device");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "balanced_linear: bias.dtype (",
-                     dtype_name(b.scalar_type()), ") must equal x.dtype (", dtype_name(x.scalar_type()), ")");
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == values.size(0),
-                      "balanced_linear: bias must have shape [out=", values.size(0), "], got ",
-                      b.sizes());
-    TORCH_CHECK_VALUE(b.device() == x.device(), "balanced_linear: bias (", b.device(),
-                      ") must be on x's device (", x.device(), ")");
-  }
+  check_same_shape(op, values, indices);
+  const int64_t k = check_width(op, values.size(1), bank_size, in_features);
+  check_devices_and_bias(op, x, values, indices, bias, "out", values.size(0));
   return k;
 }
 

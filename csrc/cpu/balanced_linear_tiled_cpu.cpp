@@ -24,52 +24,20 @@ namespace {
 int64_t check_tiled_inputs(const at::Tensor& x, const at::Tensor& values,
                            const at::Tensor& indices, int64_t bank_size, int64_t in_features,
                            int64_t out_features, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()),
-                   "balanced_linear_tiled: x must be floating point, got ",
-                   dtype_name(x.scalar_type()));
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "balanced_linear_tiled: values.dtype (",
-                   dtype_name(values.scalar_type()), ") must equal x.dtype (",
-                   dtype_name(x.scalar_type()), ")");
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte,
-                   "balanced_linear_tiled: indices must be torch.uint8, got ",
-                   dtype_name(indices.scalar_type()));
-  TORCH_CHECK_VALUE(bank_size >= 1 && bank_size <= kMaxTiledBank,
-                    "balanced_linear_tiled: bank_size must be in 1..", kMaxTiledBank,
-                    " (the tile kernel holds a bank of x in registers), got ", bank_size);
-  TORCH_CHECK_VALUE(in_features >= 1 && out_features >= 1,
-                    "balanced_linear_tiled: in_features and out_features must be >= 1, got ",
-                    in_features, " and ", out_features);
-  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) == in_features,
-                    "balanced_linear_tiled: x must have shape [..., in_features=", in_features,
-                    "], got ", x.sizes());
+  constexpr const char* op = "balanced_linear_tiled";
+  check_operand_dtypes(op, x, values, indices);
+  check_bank_size(op, bank_size, kMaxTiledBank, "the tile kernel holds a bank of x in registers");
+  TORCH_CHECK_VALUE(in_features >= 1 && out_features >= 1, op,
+                    ": in_features and out_features must be >= 1, got ", in_features, " and ",
+                    out_features);
+  check_x(op, x, in_features);
   const int64_t n_tiles = ceil_div(out_features, kTileRows);
   TORCH_CHECK_VALUE(values.dim() == 3 && values.size(0) == n_tiles && values.size(2) == kTileRows,
-                    "balanced_linear_tiled: values must have shape [ceil(out_features / 16) = ",
-                    n_tiles, ", n_banks * k, 16], got ", values.sizes());
-  TORCH_CHECK_VALUE(indices.sizes() == values.sizes(), "balanced_linear_tiled: indices shape ",
-                    indices.sizes(), " must equal values shape ", values.sizes());
-  const int64_t n_banks = ceil_div(in_features, bank_size);
-  TORCH_CHECK_VALUE(values.size(1) > 0 && values.size(1) % n_banks == 0,
-                    "balanced_linear_tiled: values.size(1) (", values.size(1),
-                    ") must be a positive multiple of n_banks = ceil(in_features / bank_size) = ",
-                    n_banks);
-  const int64_t k = values.size(1) / n_banks;
-  TORCH_CHECK_VALUE(k <= bank_size, "balanced_linear_tiled: keep-count k = ", k,
-                    " per bank exceeds bank_size = ", bank_size);
-  TORCH_CHECK_VALUE(values.device() == x.device() && indices.device() == x.device(),
-                    "balanced_linear_tiled: x (", x.device(), "), values (", values.device(),
-                    ") and indices (", indices.device(), ") must be on the same device");
-  if (bias.has_value()) {
-    const at::Tensor& b = *bias;
-    TORCH_CHECK_TYPE(b.scalar_type() == x.scalar_type(), "balanced_linear_tiled: bias.dtype (",
-                     dtype_name(b.scalar_type()), ") must equal x.dtype (",
-                     dtype_name(x.scalar_type()), ")");
-    TORCH_CHECK_VALUE(b.dim() == 1 && b.size(0) == out_features,
-                      "balanced_linear_tiled: bias must have shape [out_features=", out_features,
-                      "], got ", b.sizes());
-    TORCH_CHECK_VALUE(b.device() == x.device(), "balanced_linear_tiled: bias (", b.device(),
-                      ") must be on x's device (", x.device(), ")");
-  }
+                    op, ": values must have shape [ceil(out_features / 16) = ", n_tiles,
+                    ", n_banks * k, 16], got ", values.sizes());
+  check_same_shape(op, values, indices);
+  const int64_t k = check_width(op, values.size(1), bank_size, in_features);
+  check_devices_and_bias(op, x, values, indices, bias, "out_features", out_features);
   return k;
 }
 
