@@ -145,9 +145,7 @@ class BalancedSparseModule(nn.Module):
                 lambda: unpack_balanced(values, indices, bank_size, in_features),
             )
             return F.linear(x, weight, bias)
-        tile_values, tile_indices = self._derived(
-            (*key, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
-        )
+        tile_values, tile_indices = self._tiles(key, values, indices)
         return ops.balanced_linear_tiled(
             x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
         )
@@ -168,8 +166,12 @@ class BalancedSparseModule(nn.Module):
         indices = getattr(self, prefix + "indices")
         if not self._tiles_apply(x, values, self._layouts[prefix][2]):
             return None
+        return self._tiles((prefix, None), values, indices)
+
+    def _tiles(self, key: tuple, values: torch.Tensor, indices: torch.Tensor):
+        """The cached CPU tile layout (`ops.pack_tiles`) of `values`/`indices` under `key`."""
         return self._derived(
-            (prefix, None, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
+            (*key, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
         )
 
     def _apply(self, fn, recurse=True):

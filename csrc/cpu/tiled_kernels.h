@@ -17,10 +17,7 @@ namespace bs_lightning::cpu {
 
 constexpr int64_t kTileRows = 16;      // rows per tile = fp32 lanes of a zmm register
 constexpr int64_t kMaxTiledBank = 64;  // x slice of a bank in at most 4 zmm registers
-#ifndef BS_TILE_PF
-#define BS_TILE_PF 4096
-#endif
-constexpr int64_t kTilePrefetchBytes = BS_TILE_PF;
+constexpr int64_t kTilePrefetchBytes = 4096;  // software prefetch distance (values stream)
 
 #if defined(__AVX512F__)
 constexpr bool kTiledVectorised = true;
