@@ -44,7 +44,7 @@ __all__ = [
 # Set to "1" to ignore the compiled op and always run the pure-PyTorch reference.
 FORCE_REFERENCE_ENV = "BS_LIGHTNING_FORCE_REFERENCE"
 MAX_BANK_SIZE = 256  # in-bank indices are uint8
-TILE_ROWS = 16  # rows per tile of the CPU tile layout (fp32 lanes of an AVX-512 register)
+TILE_ROWS = 16  # rows per CPU tile: 16 fp32 lanes, one AVX-512 or two AVX2 registers
 MAX_TILED_BANK = 64  # the tile kernel holds a bank's slice of x in at most 4 registers
 
 
@@ -292,12 +292,12 @@ def _cpu_isa() -> str:
 def cpu_tiles_supported(bank_size: int) -> bool:
     """True when `balanced_linear_tiled` runs a vectorised kernel for this bank size here.
 
-    That needs the compiled library built with AVX-512 (the permute kernel) and a bank of
-    at most 64 columns; elsewhere the row-major kernel of `balanced_linear` is faster.
+    That needs the compiled library built with AVX-512 or AVX2 (the permute kernel) and a
+    bank of at most 64 columns; elsewhere the row-major kernel of `balanced_linear` is faster.
     """
     if os.environ.get(FORCE_REFERENCE_ENV) == "1" or not _build.is_loaded():
         return False
-    return bank_size <= MAX_TILED_BANK and _cpu_isa() == "avx512"
+    return bank_size <= MAX_TILED_BANK and _cpu_isa() != "portable"
 
 
 @functools.cache

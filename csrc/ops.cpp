@@ -18,7 +18,7 @@ TORCH_LIBRARY(bs_lightning, m) {
   m.def(
       "balanced_lstm_layer(Tensor gates_x, Tensor h0, Tensor c0, Tensor values, "
       "Tensor indices, int bank_size, bool reverse) -> (Tensor, Tensor, Tensor)");
-  // "avx512" when the tile kernel is vectorised in this build, else "portable".
+  // ISA of the tile kernel in this build: "avx512", "avx2" or "portable" (not vectorised).
   m.def("cpu_isa() -> str", &bs_lightning::cpu::cpu_isa);
   // Smallest number of input rows at which the tiled op unpacks to a dense GEMM.
   m.def("tiled_dense_crossover(int k, int bank_size) -> int",

@@ -97,7 +97,7 @@ def test_python_loop_one_product_for_the_input_and_one_per_step(monkeypatch):
     assert calls == first * 2 + second * 2
 
 
-@pytest.mark.skipif(not ops.cpu_tiles_supported(8), reason="needs the AVX-512 tile kernel")
+@pytest.mark.skipif(not ops.cpu_tiles_supported(8), reason="needs the AVX-512/AVX2 tile kernel")
 def test_fused_cpu_layer_one_call_per_layer_and_direction(monkeypatch):
     lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16, num_layers=2, bidirectional=True)
     sparse = BalancedSparseLSTM.from_dense(lstm, 8)
@@ -110,7 +110,7 @@ def test_fused_cpu_layer_one_call_per_layer_and_direction(monkeypatch):
     assert calls == first * 2 + second * 2
 
 
-@pytest.mark.skipif(not ops.cpu_tiles_supported(50), reason="needs the AVX-512 tile kernel")
+@pytest.mark.skipif(not ops.cpu_tiles_supported(50), reason="needs the AVX-512/AVX2 tile kernel")
 @pytest.mark.parametrize("hidden, bank, batch", [(200, 50, 1), (37, 16, 4), (64, 64, 2)])
 def test_fused_cpu_layer_matches_nn_lstm_with_state(hidden, bank, batch):
     # odd hidden sizes leave a masked tail in the gate loop and a padded last tile

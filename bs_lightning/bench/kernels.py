@@ -5,9 +5,9 @@ run, for each weight shape, sparsity and batch:
 
 - `dense`: `F.linear(x, W)` with the masked dense weight;
 - `balanced`: a `BalancedSparseLinear` holding the compact weight (bank 32 by default), so
-  the row times what a converted model runs: on an AVX-512 CPU the tile kernel
+  the row times what a converted model runs: on an AVX-512 or AVX2 CPU the tile kernel
   (`balanced_linear_tiled`), from the measured batch crossover on (low sparsity) its cached
-  dense copy, on CUDA (or without AVX-512) `balanced_linear`; the `path` column says which;
+  dense copy, on CUDA (or without either) `balanced_linear`; the `path` column says which;
 - `csr`: `(W.to_sparse_csr() @ x.T).T`, torch's CSR product;
 - `semi_2to4` (CUDA, 50%, fp16/bf16 only, where torch supports it): `F.linear(x, W_2:4)` with
   `torch.sparse.to_sparse_semi_structured` of a 2:4-pruned weight of the same shape.

@@ -3,8 +3,8 @@
 `BalancedSparseLinear`, `BalancedSparseConv2d`, `BalancedSparseLSTM` and
 `BalancedSparseConv1D` (Hugging Face GPT-2) hold their weights as values + uint8 in-bank
 indices (`format.py`) and compute through `BalancedSparseModule._product` (`base.py`): the
-CPU tile kernel (`ops.balanced_linear_tiled`, `ops.balanced_lstm_layer`) on AVX-512 CPUs,
-else `ops.balanced_linear`.
+CPU tile kernel (`ops.balanced_linear_tiled`, `ops.balanced_lstm_layer`) on AVX-512 and
+AVX2 CPUs, else `ops.balanced_linear`.
 """
 
 from bs_lightning.nn.conv import BalancedSparseConv2d

@@ -8,10 +8,10 @@ a checkpoint self-describing (it survives safetensors, unlike `get_extra_state`)
 `load_state_dict` refuse a checkpoint with other shapes or another bank size, naming the
 layer, instead of copying same-shaped tensors of a different bank layout.
 
-Products go through `_product`, which picks the kernel: on a CPU with the AVX-512 tile
-kernel it multiplies with a copy of the matrix in the tile layout (`ops.pack_tiles`), and
-from the measured batch crossover on (low sparsity, large batches) with the unpacked dense
-matrix, so a layer is never slower than its dense original. Both copies are derived caches:
+Products go through `_product`, which picks the kernel: on a CPU with the tile kernel
+(AVX-512 or AVX2) it multiplies with a copy of the matrix in the tile layout
+(`ops.pack_tiles`), and from the measured batch crossover on (low sparsity, large batches)
+with the unpacked dense matrix, so a layer is never slower than its dense original. Both copies are derived caches:
 built on first use, rebuilt when the buffers change (in-place edits, `load_state_dict`),
 dropped on `.to()`, never saved.
 """
@@ -152,7 +152,7 @@ class BalancedSparseModule(nn.Module):
 
     @staticmethod
     def _tiles_apply(x: torch.Tensor, values: torch.Tensor, bank_size: int) -> bool:
-        """True when the CPU tile kernel runs this product (eager, CPU, AVX-512 build, bank
+        """True when the CPU tile kernel runs this product (eager, CPU, AVX2 or AVX-512 build, bank
         <= 64, matching dtypes); otherwise `ops.balanced_linear` runs it."""
         if torch.compiler.is_compiling() or x.device.type != "cpu":
             return False

@@ -141,7 +141,7 @@ at::Tensor balanced_linear_tiled_cpu(const at::Tensor& x, const at::Tensor& valu
   return out.view(out_shape);
 }
 
-std::string cpu_isa() { return kTiledVectorised ? "avx512" : "portable"; }
+std::string cpu_isa() { return kLanesIsa; }
 
 }  // namespace bs_lightning::cpu
 
