@@ -3,8 +3,9 @@
 The library is compiled on first use with `torch.utils.cpp_extension.load` (ninja) into a
 cache directory whose name is a hash of everything that changes the binary: the sources,
 the flags, the torch and Python versions and the CPU (the CPU code is built with
-`-march=native`). A later process finds the built library there and only loads it; editing
-a source gives a new hash, hence a rebuild.
+`-march=native` unless `BS_LIGHTNING_MARCH` names another target). A later process finds
+the built library there and only loads it; editing a source gives a new hash, hence a
+rebuild.
 
 `csrc/ops.cpp` and `csrc/cpu/*.cpp` are always compiled; `csrc/cuda/*.cu` join the same
 library when torch is a CUDA build, `nvcc` is found, `BS_LIGHTNING_NO_CUDA` is not `1`, and
@@ -16,6 +17,8 @@ Environment:
     BS_LIGHTNING_NO_CUDA: `1` builds the CPU kernels only.
     BS_LIGHTNING_BUILD_CUDA: `1` compiles the CUDA kernels even when no GPU is visible.
     BS_LIGHTNING_NO_BUILD: `1` never compiles (loads a cached library if there is one).
+    BS_LIGHTNING_MARCH: x86 `-march` target of the CPU code (default `native`), e.g.
+        `x86-64-v3` for an AVX2 library on an AVX-512 machine (the tests cover both paths so).
     TORCH_CUDA_ARCH_LIST: CUDA architectures (default "8.0;9.0").
 """
 
@@ -123,9 +126,10 @@ def _build_args() -> dict:
     cflags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=fast"]
     if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
         # JIT build on the machine that runs it: use its vector units (AVX2/AVX-512/NEON).
-        cflags.append(
-            "-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native"
-        )
+        if platform.machine() in ("x86_64", "AMD64"):
+            cflags.append(f"-march={os.environ.get('BS_LIGHTNING_MARCH') or 'native'}")
+        else:
+            cflags.append("-mcpu=native")
     args = {
         "sources": [str(p) for p in cpp + cu],
         "extra_cflags": cflags,
