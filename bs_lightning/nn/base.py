@@ -74,9 +74,8 @@ def prune_and_pack(
 
 def _stamp(*tensors: torch.Tensor) -> tuple:
     """Identity of tensors' current contents: storage, offset, dtype and in-place version."""
-    return tuple(
-        (t.data_ptr(), t.dtype, t.device, -1 if t.is_inference() else t._version) for t in tensors
-    )
+    # no device: moving the buffers (Module._apply) clears the caches anyway
+    return tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) for t in tensors)
 
 
 class BalancedSparseModule(nn.Module):
@@ -129,8 +128,9 @@ class BalancedSparseModule(nn.Module):
             `[..., rows]` in `x.dtype`.
         """
         _, in_features, bank_size, k = self._layouts[prefix]
-        values = getattr(self, prefix + "values")
-        indices = getattr(self, prefix + "indices")
+        # the buffers dict directly: Module.__getattr__ costs cache misses on every call
+        values = self._buffers[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
         if rows is not None:
             values, indices = values[rows], indices[rows]
         if not self._tiles_apply(x, values, bank_size):
@@ -146,7 +146,8 @@ class BalancedSparseModule(nn.Module):
             )
             return F.linear(x, weight, bias)
         tile_values, tile_indices = self._tiles(key, values, indices)
-        return ops.balanced_linear_tiled(
+        # the op itself: _tiles_apply has checked what the ops.py wrapper would
+        return torch.ops.bs_lightning.balanced_linear_tiled(
             x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
         )
 
@@ -154,10 +155,12 @@ class BalancedSparseModule(nn.Module):
     def _tiles_apply(x: torch.Tensor, values: torch.Tensor, bank_size: int) -> bool:
         """True when the CPU tile kernel runs this product (eager, CPU, AVX2 or AVX-512 build, bank
         <= 64, matching dtypes); otherwise `ops.balanced_linear` runs it."""
-        if torch.compiler.is_compiling() or x.device.type != "cpu":
+        # cheapest checks first: at batch 1 this Python runs with caches flushed by the last
+        # product, and every object it touches costs misses (x.is_cpu, not x.device)
+        if not x.is_cpu or x.dtype != values.dtype or torch.compiler.is_compiling():
             return False
         ops.load()
-        return ops.cpu_tiles_supported(bank_size) and x.dtype == values.dtype
+        return ops.cpu_tiles_supported(bank_size)
 
     def _cpu_tiles(self, prefix: str, x: torch.Tensor):
         """`(tile_values, tile_indices)` of matrix `prefix` when the tile kernel applies to
