@@ -281,7 +281,8 @@ def to_markdown(result: dict) -> str:
     lines = [
         f"# Kernel benchmark: {meta['device_slug']} ({meta['date']})",
         "",
-        f"- machine: {meta['machine']}, {meta['threads']} intra-op threads",
+        f"- machine: {meta['machine']}, {meta['threads']} intra-op threads"
+        + (f", CPU kernels built for {meta['cpu_isa']}" if meta.get("cpu_isa") else ""),
         f"- torch {meta['torch']}, dtype {meta['dtype']}, bank {meta['bank_size']}, "
         f"balanced backend `{meta['backend']}`",
         f"- timing: {meta['timing']}",
@@ -437,6 +438,10 @@ def run(args: argparse.Namespace) -> dict:
             "dtype": args.dtype,
             "bank_size": args.bank_size,
             "backend": ops.backend(device),
+            # the library is built for this CPU (or BS_LIGHTNING_MARCH): which tile kernel ran
+            "cpu_isa": torch.ops.bs_lightning.cpu_isa()
+            if device.type == "cpu" and ops.backend(device) != "reference"
+            else None,
             "timing": timing,
             "copy_bandwidth_gbs": copy_bw / 1e9,
             # runnable processes on the machine (1-minute load average) at start and end:
