@@ -108,7 +108,8 @@ void run_broadcast(const TiledArgs& a, const V* tv, const uint8_t* ti, V* out, i
     for (int64_t i = 0; i < a.in; ++i) dst[i * 8] = a.x[m * a.in + i];
   }
   const int64_t stride = a.width * kTileRows, n_banks = a.width / a.k;
-  const int64_t group = std::max<int64_t>(4, kGroupBytes / (stride * static_cast<int64_t>(sizeof(V) + 1)));
+  const int64_t tile_bytes = stride * static_cast<int64_t>(sizeof(V) + 1);
+  const int64_t group = std::max<int64_t>(4, kGroupBytes / tile_bytes);
   at::parallel_for(0, a.n_tiles, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t g0 = t0; g0 < t1; g0 += group) {
       const int64_t g1 = std::min(t1, g0 + group);

@@ -54,7 +54,9 @@ inline void tile_permute(const V* tv, const uint8_t* ti, int64_t tile_stride, in
 #pragma GCC unroll 4
       for (int r = 0; r < NREG; ++r) {
 #pragma GCC unroll 8
-        for (int n = 0; n < NB; ++n) xr[n][r] = load_prefix16(x + n * ldx + col + 16 * r, in - col - 16 * r);
+        for (int n = 0; n < NB; ++n) {
+          xr[n][r] = load_prefix16(x + n * ldx + col + 16 * r, in - col - 16 * r);
+        }
       }
       const int64_t e0 = b * k * kTileRows;  // the bank's first entry in each tile
       // software prefetch, a distance ahead in every stream (the hardware prefetchers stop
