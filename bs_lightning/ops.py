@@ -41,7 +41,9 @@ __all__ = [
     "unpack_tiles",
 ]
 
-# Set to "1" to ignore the compiled op and always run the pure-PyTorch reference.
+# Set to "1" to ignore the compiled op and always run the pure-PyTorch reference (read on
+# every call of these functions; a sparse module reads it when it plans its tile-kernel call,
+# see nn/base.py).
 FORCE_REFERENCE_ENV = "BS_LIGHTNING_FORCE_REFERENCE"
 MAX_BANK_SIZE = 256  # in-bank indices are uint8
 TILE_ROWS = 16  # rows per CPU tile: 16 fp32 lanes, one AVX-512 or two AVX2 registers

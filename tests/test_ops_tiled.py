@@ -207,3 +207,31 @@ def test_module_caches_are_dropped_on_to_and_not_saved():
     sparse.to(torch.float64)
     assert not sparse._kernel_cache
     torch.testing.assert_close(sparse(x.double()), sparse.to_dense()(x.double()))
+
+
+def test_module_planned_calls_notice_every_weight_change():
+    _, sparse = _layer()
+    x = torch.randn(1, 96)
+    torch.testing.assert_close(sparse(x), sparse.to_dense()(x))
+    if not ops.cpu_tiles_supported(32):
+        pytest.skip("no tile kernel in this build")
+    assert "" in sparse._tile_plans  # the next calls take the planned path
+    other = BalancedSparseLinear.from_dense(torch.nn.Linear(96, 40), 32, sparsity=0.9)
+    # .data = keeps the tensor object and its version: the data pointer gives it away
+    sparse.values.data = other.values.clone()
+    sparse.indices.data = other.indices.clone()
+    sparse.bias.data = other.bias.clone()
+    torch.testing.assert_close(sparse(x), other(x))
+    # a new buffer object
+    sparse.values = other.values * 3.0
+    expected = F.linear(x, 3.0 * other.to_dense().weight, other.bias)
+    torch.testing.assert_close(sparse(x), expected)
+    # past the dense crossover the cached dense copy runs, plan or not
+    _, half = _layer(sparsity=0.5)
+    torch.testing.assert_close(half(x), half.to_dense()(x))
+    big = torch.randn(ops.dense_crossover(half.k, 32), 96)
+    torch.testing.assert_close(half(big), half.to_dense()(big))
+    assert ("", None, "dense") in half._kernel_cache
+    sparse.to(torch.float64)
+    assert not sparse._tile_plans
+    torch.testing.assert_close(sparse(x.double()), sparse.to_dense()(x.double()))
