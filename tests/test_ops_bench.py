@@ -97,6 +97,10 @@ def test_targets_and_markdown():
     assert "| 4096x4096 | 90.6% | 1 | - | 650.0 | 100.0 | - | - | 6.50x | - | 50% | 25% |" in md
     assert "- 11008x4096 batch 1: 7.00x (target 8x) MISSED" in md
     assert "- csr: RuntimeError: no CSR for this dtype" in md
+    assert "- machine: test CPU, 2 intra-op threads\n" in md  # no ISA recorded
+    result["meta"]["cpu_isa"] = "avx2"
+    md = kernels.to_markdown(result)
+    assert "- machine: test CPU, 2 intra-op threads, CPU kernels built for avx2\n" in md
 
 
 def test_cli_dispatch(capsys):

@@ -123,7 +123,9 @@ inline void half_tile_broadcast(const V* tv, const uint8_t* ti, int64_t n_banks,
       const float* xb = xt + b * bank_size * 8;
       for (int64_t e = b * k * kTileRows, e1 = e + k * kTileRows; e < e1; e += kTileRows) {
         _mm_prefetch(reinterpret_cast<const char*>(tv + e) + kTilePrefetchBytes, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(ti + e) + kTilePrefetchBytes / 4, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(ti + e) +
+                         kTilePrefetchBytes / static_cast<int64_t>(sizeof(V)),
+                     _MM_HINT_T0);
 #pragma GCC unroll 8
         for (int l = 0; l < 8; ++l) {
           const __m256 xv = _mm256_loadu_ps(xb + int64_t{ti[e + l]} * 8);
