@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _LAZY = {
     "BalancedPruningCallback": "bs_lightning.callbacks",
+    "SparsityPlan": "bs_lightning.sparsity.plan",
     "convert_to_sparse": "bs_lightning.convert",
 }
 

@@ -6,17 +6,23 @@ dense, in particular `nn.MultiheadAttention` (its forward reads `in_proj_weight`
 `out_proj.weight` directly in `F.multi_head_attention_forward`, so it would need a
 re-implemented attention; its `out_proj` is left alone too) and everything inside an
 `nn.TransformerEncoderLayer` (its eval-mode fast path, and `nn.TransformerEncoder`'s, pass
-`linear1.weight`/`linear2.weight` to a fused kernel). Pruned layers left dense this way are
+`linear1.weight`/`linear2.weight` to a fused kernel). Planned layers left dense this way are
 listed in one warning.
 
-Bank size and keep-count of each weight matrix, in order of preference:
-1. `module._bs_lightning_banks[param_name] = (bank_size, k)`, recorded by
-   `BalancedPruningCallback` (docs/ARCHITECTURE.md section 5);
-2. else the `bank_size=` argument, with `k` read from the zeros (`infer_keep_count`);
-3. else both read from the zeros (`infer_bank_layout`: every bank size 2..256 is tried, the one
-   packing the matrix smallest wins, ties to the smaller bank; a bank counts as balanced
-   when more than half of the banks hold the largest count and none holds more, so
-   kept weights that are zero by chance do not break it).
+Which layers, with which bank size and keep-count, in order of preference:
+1. the `plan=` argument (a `SparsityPlan`: from `BalancedPruningCallback.plan`,
+   `SparsityPlan.from_checkpoint`, one-shot pruning or a saved Hugging Face folder): exactly
+   the planned parameters whose pattern converts (balanced, N:M), with the planned bank size
+   and keep-count; a layer whose shape or zeros do not fit its plan raises, naming the layer
+   and what differs. Unplanned layers stay as they are;
+2. else the plan recorded for this model in this process (`SparsityPlan.recorded`: the
+   callback records one for the model it trains), used the same way;
+3. else, without any plan, every convertible layer is read from its zeros: with
+   `bank_size=` only `k` is inferred (`infer_keep_count`); without it both are
+   (`infer_bank_layout`: the smallest bank size 2..256 at which the matrix is balanced and
+   sparse wins, so a bank-16, k=2 mask reads as bank 16, never as bank 32, k=4; a bank
+   counts as balanced when more than half of the banks hold the largest count and none holds
+   more, so kept weights that are zero by chance do not break it).
 A layer whose matrices are all dense (`k == bank_size`) stays dense.
 """
 
@@ -34,7 +40,9 @@ from bs_lightning.nn import (
 )
 from bs_lightning.nn.format import infer_bank_layout, infer_keep_count
 from bs_lightning.nn.lstm import lstm_weight_names
+from bs_lightning.nn.swap import replace_submodule
 from bs_lightning.sparsity.params import is_transposed, matrix_view
+from bs_lightning.sparsity.plan import PlannedParam, SparsityPlan
 
 __all__ = ["convert_to_sparse"]
 
@@ -63,12 +71,9 @@ def _weight_names(module: nn.Module) -> list[str]:
     return ["weight"]
 
 
-def _layout(module: nn.Module, param_name: str, bank_size: int | None, name: str):
-    """`(bank_size, k)` of one weight matrix (see the module docstring for the order)."""
+def _inferred_layout(module: nn.Module, param_name: str, bank_size: int | None, name: str):
+    """`(bank_size, k)` of one weight matrix read from its zeros (rule 3 of the docstring)."""
     where = name if param_name == "weight" else f"{name}.{param_name}"
-    record = getattr(module, "_bs_lightning_banks", {}).get(param_name)
-    if record is not None:
-        return tuple(record)
     matrix = matrix_view(module, param_name).detach()  # [out, in]
     if matrix.shape[1] < 2:
         return 1, 1  # one column: nothing to prune, dense
@@ -77,13 +82,8 @@ def _layout(module: nn.Module, param_name: str, bank_size: int | None, name: str
     return infer_bank_layout(matrix, where)
 
 
-def _convert_one(module: nn.Module, bank_size: int | None, name: str) -> nn.Module | None:
-    """The sparse replacement of `module`, or None when all its matrices are dense.
-
-    Raises:
-        ValueError: when a matrix is not balanced (or cannot be packed), naming it.
-    """
-    layouts = {w: _layout(module, w, bank_size, name) for w in _weight_names(module)}
+def _build(module: nn.Module, layouts: dict[str, tuple[int, int]], name: str):
+    """The sparse replacement of `module` for `{weight name: (bank, k)}`, or None if dense."""
     if all(k == bank for bank, k in layouts.values()):
         return None
     sparse_type = _sparse_type(module)
@@ -95,47 +95,97 @@ def _convert_one(module: nn.Module, bank_size: int | None, name: str) -> nn.Modu
     return sparse_type.from_dense(module, bank, k=k, name=name)
 
 
-def convert_to_sparse(
-    model: nn.Module, strict: bool = True, bank_size: int | None = None
-) -> nn.Module:
-    """Replaces every balanced-sparse layer of `model` with its sparse inference module.
+def _check_planned(module: nn.Module, entry: PlannedParam, label: str) -> None:
+    param = module._parameters.get(entry.param)
+    if param is None:
+        raise ValueError(
+            f"layer {label!r} ({type(module).__name__}) has no parameter {entry.param!r}, "
+            f"which the sparsity plan prunes"
+        )
+    if tuple(param.shape) != entry.shape:
+        raise ValueError(
+            f"layer {label!r}: the sparsity plan prunes {entry.param} of shape "
+            f"{entry.shape}, the model's has shape {tuple(param.shape)}"
+        )
 
-    `nn.Linear` -> `BalancedSparseLinear`, `nn.Conv2d` -> `BalancedSparseConv2d`,
-    `nn.LSTM` -> `BalancedSparseLSTM`, GPT-2 `Conv1D` -> `BalancedSparseConv1D`, in place,
-    keeping each layer's device, dtype and train/eval mode. Layers that are dense stay dense;
-    see the module docstring for how bank size and keep-count are found.
 
-    Args:
-        model: any module, typically pruned by `BalancedPruningCallback`.
-        strict: True raises for a layer that is not balanced; False leaves it dense.
-        bank_size: bank size of every layer without a record from the callback (`k` is then
-            read from the zeros); None infers it.
+def _planned_layouts(module: nn.Module, planned: dict[str, PlannedParam], label: str):
+    """`{weight name: (bank, k)}` from the plan; matrices the plan leaves out stay dense."""
+    layouts = {p: e.compact_layout for p, e in planned.items() if p in _weight_names(module)}
+    bank = next(iter(layouts.values()))[0]
+    for w in _weight_names(module):
+        if w not in layouts:
+            # an unplanned LSTM matrix beside planned ones: stored whole (k = bank)
+            layouts[w] = (bank, bank)
+    return layouts
 
-    Returns:
-        `model` (when `model` itself is a convertible layer: its sparse replacement).
 
-    Raises:
-        ValueError: with `strict=True`, when a layer is not balanced (or has an invalid
-            bank size or an LSTM projection), naming the layer.
-    """
-    skip: list[str] = []  # prefixes of modules whose children stay as they are
-    unsupported: list[str] = []
+def _from_plan(model: nn.Module, plan: SparsityPlan, strict: bool):
+    """Replacements for the planned layers, the labels of planned layers left dense for want
+    of a sparse module, and those whose pattern has no sparse format."""
+    modules = dict(model.named_modules())
+    planned_modules = plan.modules()
+    missing = [m for m in planned_modules if m not in modules]
+    if missing:
+        raise ValueError(
+            f"the sparsity plan prunes modules {missing} that {type(model).__name__} does not "
+            f"have; was the plan made for another model?"
+        )
+    keep_dense = [n + "." for n, m in modules.items() if isinstance(m, _KEEP_DENSE)]
     replacements: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        label = name or type(module).__name__
-        pruned = bool(getattr(module, "_bs_lightning_banks", None))
-        if any(name.startswith(p) for p in skip) or isinstance(module, _KEEP_DENSE):
-            if isinstance(module, _KEEP_DENSE):
-                skip.append(name + ".")
-            if pruned:
-                unsupported.append(label)
+    dense: list[str] = []
+    no_format: list[str] = []
+    for name, module in modules.items():
+        planned = planned_modules.get(name)
+        if not planned:
             continue
-        if _sparse_type(module) is None:
-            if pruned:
-                unsupported.append(label)
+        label = name or type(module).__name__
+        for entry in planned.values():
+            _check_planned(module, entry, label)
+        converting = {p: e for p, e in planned.items() if e.pattern.converts}
+        inside_dense = isinstance(module, _KEEP_DENSE) or any(
+            name.startswith(p) for p in keep_dense
+        )
+        if not converting:
+            # the pattern has no sparse format (unstructured, block, vector)
+            no_format.append(label)
+            continue
+        if inside_dense or _sparse_type(module) is None:
+            dense.append(label)
             continue
         try:
-            sparse = _convert_one(module, bank_size, label)
+            sparse = _build(module, _planned_layouts(module, converting, label), label)
+        except ValueError as err:
+            described = ", ".join(
+                f"{e.param}: {e.pattern.describe()} keeping {e.keep}" for e in converting.values()
+            )
+            if strict:
+                raise ValueError(
+                    f"layer {label!r} ({type(module).__name__}) does not match its sparsity "
+                    f"plan ({described}): {err}"
+                ) from err
+            dense.append(label)
+            continue
+        if sparse is not None:
+            replacements[name] = sparse
+    return replacements, dense, no_format
+
+
+def _inferred(model: nn.Module, strict: bool, bank_size: int | None):
+    """Replacements for every convertible layer, layouts read from the zeros."""
+    skip: list[str] = []  # prefixes of modules whose children stay as they are
+    replacements: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _KEEP_DENSE):
+            skip.append(name + ".")
+        if any(name.startswith(p) for p in skip) or isinstance(module, _KEEP_DENSE):
+            continue
+        if _sparse_type(module) is None:
+            continue
+        label = name or type(module).__name__
+        try:
+            layouts = {w: _inferred_layout(module, w, bank_size, label) for w in _weight_names(module)}
+            sparse = _build(module, layouts, label)
         except ValueError as err:
             if strict:
                 raise ValueError(
@@ -145,14 +195,61 @@ def convert_to_sparse(
             continue
         if sparse is not None:
             replacements[name] = sparse
-    if unsupported:
-        warnings.warn(
-            f"convert_to_sparse: pruned layers without a sparse module stay dense: {unsupported}",
-            stacklevel=2,
-        )
+    return replacements
+
+
+def convert_to_sparse(
+    model: nn.Module,
+    plan: SparsityPlan | None = None,
+    strict: bool = True,
+    bank_size: int | None = None,
+) -> nn.Module:
+    """Replaces the balanced-sparse layers of `model` with sparse inference modules.
+
+    `nn.Linear` -> `BalancedSparseLinear`, `nn.Conv2d` -> `BalancedSparseConv2d`,
+    `nn.LSTM` -> `BalancedSparseLSTM`, GPT-2 `Conv1D` -> `BalancedSparseConv1D`, in place,
+    keeping each layer's device, dtype and train/eval mode. See the module docstring for
+    which layers convert and how bank size and keep-count are found. The plan used is
+    recorded for the converted model (`SparsityPlan.recorded`), so `save_sparse` finds it.
+
+    Args:
+        model: any module, typically pruned by `BalancedPruningCallback`.
+        plan: what was pruned how; None uses the plan recorded for `model` in this process,
+            and without one reads every layer from its zeros.
+        strict: True raises for a layer that does not fit its plan or, without a plan, is
+            not balanced; False leaves it dense.
+        bank_size: without a plan, the bank size of every layer (`k` is read from the
+            zeros); None infers it. Ignored when a plan is used.
+
+    Returns:
+        `model` (when `model` itself is a convertible layer: its sparse replacement).
+
+    Raises:
+        ValueError: with `strict=True`, when a layer does not match its plan (shape, bank
+            size, keep-count) or is not balanced, naming the layer; when the plan names a
+            module the model does not have (always).
+    """
+    if plan is None:
+        plan = SparsityPlan.recorded(model)
+    if plan is not None:
+        replacements, dense, no_format = _from_plan(model, plan, strict)
+        if dense:
+            warnings.warn(
+                f"convert_to_sparse: pruned layers without a sparse module stay dense: {dense}",
+                stacklevel=2,
+            )
+        if no_format:
+            patterns = sorted({e.pattern.describe() for e in plan if not e.pattern.converts})
+            warnings.warn(
+                f"convert_to_sparse: layers pruned to {patterns} stay dense (only balanced and "
+                f"N:M patterns have a sparse format): {no_format}",
+                stacklevel=2,
+            )
+    else:
+        replacements = _inferred(model, strict, bank_size)
+    root = model
     for name, sparse in replacements.items():
-        if not name:
-            return sparse
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, sparse)
-    return model
+        root = replace_submodule(root, name, sparse)
+    if plan is not None:
+        plan.record(root)
+    return root

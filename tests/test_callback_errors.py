@@ -95,9 +95,9 @@ def fit(model, pruner, loader=None, max_epochs=1, **kwargs):
         ),
         (
             {"include": "lstm.weight_xx*"},
-            r"include pattern 'lstm.weight_xx\*' matches no parameter of TinyZoo; prunable parameters: \['conv.weight'",
+            r"include glob 'lstm.weight_xx\*' matches no module or parameter of TinyZoo that can be pruned; prunable parameters: \['conv.weight'",
         ),
-        ({"exclude": "decoder"}, r"exclude pattern 'decoder' matches no selected parameter"),
+        ({"exclude": "decoder"}, r"exclude glob 'decoder' matches no module or selected parameter"),
         (
             {"sparsity": {"lstm": 0.5, "decoder*": 0.5}, "bank_size": 8},
             r"sparsity keys \['decoder\*'\] match no selected parameter",

@@ -7,7 +7,7 @@ import torch
 from conftest import TinyZoo, random_loader
 from lightning.pytorch import Callback, Trainer
 
-from bs_lightning import BalancedPruningCallback
+from bs_lightning import BalancedPruningCallback, SparsityPlan
 from bs_lightning.sparsity import bank_layout, matrix_view
 
 EXPECTED_LAYERS = [
@@ -97,8 +97,10 @@ def test_fit_reaches_target_and_stays(tiny_zoo, memory_logger, caplog):
     # the GPT-2 Conv1D weight [in=32, out=16] has banks along its first (input) dimension
     proj = tiny_zoo.proj.weight.detach()
     assert ((proj != 0).reshape(4, 8, 16).sum(1) == 2).all()
-    assert tiny_zoo.lstm._bs_lightning_banks["weight_hh_l1_reverse"] == (8, 2)
-    assert tiny_zoo.proj._bs_lightning_banks == {"weight": (8, 2)}
+    plan = pruner.plan
+    assert plan["lstm.weight_hh_l1_reverse"].compact_layout == (8, 2)
+    assert {p: e.compact_layout for p, e in plan.modules()["proj"].items()} == {"weight": (8, 2)}
+    assert SparsityPlan.recorded(tiny_zoo) == plan
     # conv rows have 18 columns: banks 8, 8, 2 keep 2, 2, 1 -> 5 of 18
     assert pruner.layers["conv.weight"].effective == pytest.approx(13 / 18)
     # the target stays in place after end_step: the last 20 steps keep the final counts
@@ -175,7 +177,8 @@ def test_other_patterns_reach_target(tiny_zoo, kwargs, target):
         assert layer.effective == pytest.approx(target, abs=0.02), layer.entry.name
         assert float((param == 0).float().mean()) == pytest.approx(layer.effective)
     if kwargs["pattern"] == "nm":
-        assert tiny_zoo.head._bs_lightning_banks == {"weight": (4, 2)}
+        head = pruner.plan.modules()["head"]
+        assert {p: e.compact_layout for p, e in head.items()} == {"weight": (4, 2)}
         for layer in pruner.layers.values():
             assert_balanced(layer.entry.module, layer.entry.param_name, 4, 2)
 

@@ -7,7 +7,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from bs_lightning import BalancedPruningCallback, convert_to_sparse
+from bs_lightning import BalancedPruningCallback, SparsityPlan, convert_to_sparse
 from bs_lightning.nn import (
     BalancedSparseConv1D,
     BalancedSparseConv2d,
@@ -15,7 +15,13 @@ from bs_lightning.nn import (
     BalancedSparseLSTM,
 )
 from bs_lightning.nn.lstm import lstm_weight_names
-from bs_lightning.sparsity import balanced_mask, matrix_to_param, matrix_view
+from bs_lightning.sparsity import (
+    BalancedPattern,
+    PlannedParam,
+    balanced_mask,
+    matrix_to_param,
+    matrix_view,
+)
 
 
 class Mixed(nn.Module):
@@ -39,7 +45,9 @@ class Mixed(nn.Module):
 PLAN = {"conv": (9, 0.75), "lstm": (16, 0.875), "proj": (32, 0.9), "fc": (12, 0.5)}
 
 
-def _prune(model: nn.Module, record: bool = False) -> nn.Module:
+def _prune(model: nn.Module) -> tuple[nn.Module, SparsityPlan]:
+    """Prunes `model` to `PLAN`; returns it with the plan of what was done."""
+    entries = []
     with torch.no_grad():
         for layer, (bank, sparsity) in PLAN.items():
             module = getattr(model, layer)
@@ -52,19 +60,20 @@ def _prune(model: nn.Module, record: bool = False) -> nn.Module:
                 matrix = matrix_view(module, name)
                 mask = balanced_mask(matrix, sparsity, bank)
                 getattr(module, name).mul_(matrix_to_param(module, name, mask))
-                if record:
-                    k = round(bank * (1 - sparsity))
-                    module.__dict__.setdefault("_bs_lightning_banks", {})[name] = (bank, k)
-    return model
+                k = round(bank * (1 - sparsity))
+                shape = tuple(getattr(module, name).shape)
+                entries.append(PlannedParam(layer, name, BalancedPattern(bank), sparsity, k, shape))
+    return model, SparsityPlan(entries)
 
 
-def _mixed(record=False):
+def _mixed():
     torch.manual_seed(0)
-    return _prune(Mixed(), record).eval()
+    model, plan = _prune(Mixed())
+    return model.eval(), plan
 
 
 def test_inferred_layouts_and_same_outputs():
-    model = _mixed()
+    model, _ = _mixed()
     x = torch.randn(2, 3, 4, 4)
     expected = model(x)
     assert convert_to_sparse(model) is model
@@ -80,13 +89,15 @@ def test_inferred_layouts_and_same_outputs():
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
 
-def test_recorded_layout_wins_over_inference():
-    model = _mixed(record=True)
-    # a multiple of the bank size is also a valid record: it must be used as recorded
-    model.fc._bs_lightning_banks["weight"] = (24, 12)
+def test_planned_layout_wins_over_inference():
+    model, plan = _mixed()
+    # a multiple of the bank size is also a valid plan: it must be used as planned
+    fc = plan["fc.weight"]
+    entries = [e for e in plan if e.name != "fc.weight"]
+    plan = SparsityPlan([*entries, PlannedParam("fc", "weight", BalancedPattern(24), 0.5, 12, fc.shape)])
     x = torch.randn(2, 3, 4, 4)
     expected = model(x)
-    convert_to_sparse(model)
+    convert_to_sparse(model, plan=plan)
     assert (model.fc.bank_size, model.fc.k) == (24, 12)
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
@@ -140,8 +151,7 @@ def _unstructured(model):
 
 
 def test_strict_raises_naming_the_layer():
-    model = _unstructured(_mixed(record=True))
-    del model.fc._bs_lightning_banks  # the others keep their records, which bank_size= leaves alone
+    model = _unstructured(_mixed()[0])  # no plan: every layer is read from its zeros
     with pytest.raises(
         ValueError, match=r"layer 'fc' \(Linear\) cannot be converted: .*balanced at no bank size"
     ):
@@ -150,12 +160,35 @@ def test_strict_raises_naming_the_layer():
         ValueError,
         match=r"layer 'fc' \(Linear\) cannot be converted: .*not balanced at bank_size=12",
     ):
-        convert_to_sparse(model, bank_size=12)
+        convert_to_sparse(nn.ModuleDict({"fc": model.fc}), bank_size=12)
     assert type(model.conv) is nn.Conv2d  # a failed strict conversion changes nothing
 
 
+def test_weights_that_do_not_fit_the_plan_raise_naming_the_layer():
+    model, plan = _mixed()
+    with torch.no_grad():
+        model.fc.weight.normal_()  # dense again: 12 nonzeros in banks planned to keep 6
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'fc' \(Linear\) does not match its sparsity plan \(weight: balanced "
+        r"\(banks of 12\) keeping 6\): .*not balanced at bank_size=12, k=6: a bank holds 12",
+    ):
+        convert_to_sparse(model, plan=plan)
+    assert type(model.conv) is nn.Conv2d
+    wrong = SparsityPlan(
+        [PlannedParam("fc", "weight", BalancedPattern(12), 0.5, 6, (40, 64))]
+    )
+    with pytest.raises(
+        ValueError, match=r"layer 'fc': the sparsity plan prunes weight of shape \(40, 64\), "
+        r"the model's has shape \(40, 48\)"
+    ):
+        convert_to_sparse(model, plan=wrong)
+    with pytest.raises(ValueError, match=r"prunes modules \['nope'\] that Mixed does not have"):
+        convert_to_sparse(model, plan=SparsityPlan([PlannedParam("nope", "weight", BalancedPattern(12), 0.5, 6, (1, 1))]))
+
+
 def test_non_strict_leaves_unbalanced_layer_dense():
-    model = _unstructured(_mixed())
+    model = _unstructured(_mixed()[0])
     x = torch.randn(2, 3, 4, 4)
     expected = model(x)
     convert_to_sparse(model, strict=False)

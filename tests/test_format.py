@@ -116,7 +116,7 @@ def test_bank_counts():
 def test_check_bank_size():
     assert check_bank_size(256, 300) == 256
     with pytest.raises(
-        ValueError, match=r"bank_size of layer 'fc' must be an integer in \[1, 256\]"
+        ValueError, match=r"bank_size for layer 'fc' must be an integer in \[1, 256\]"
     ):
         check_bank_size(257, 300, "fc")
     with pytest.raises(ValueError, match=r"use a bank_size in \[1, 12\]"):
@@ -168,7 +168,7 @@ def test_no_full_bank_raises():
 @pytest.mark.parametrize("bank", [0, 257, 2.0, True])
 def test_bad_bank_size_raises(bank):
     with pytest.raises(
-        ValueError, match=r"bank_size of layer 'fc' must be an integer in \[1, 256\]"
+        ValueError, match=r"bank_size for layer 'fc' must be an integer in \[1, 256\]"
     ):
         pack_balanced(torch.ones(2, 300), bank, name="fc")
 

@@ -69,7 +69,7 @@ def test_embedding_pruned_only_when_asked():
         "fc.weight",
     ]
     # a module-name match does not select a non-default parameter
-    with pytest.raises(ValueError, match=r"include pattern 'embed' matches no parameter of Zoo"):
+    with pytest.raises(ValueError, match=r"include glob 'embed' matches no module or parameter of Zoo that can be pruned"):
         find_prunable(zoo, include="embed")
 
 
@@ -82,7 +82,7 @@ def test_mha_separate_projections():
 def test_include_matching_nothing_lists_valid_names():
     with pytest.raises(
         ValueError,
-        match=r"include pattern 'lstm2' matches no parameter of Zoo; prunable parameters: \['fc.weight', 'lstm.weight_ih_l0'",
+        match=r"include glob 'lstm2' matches no module or parameter of Zoo that can be pruned; prunable parameters: \['fc.weight', 'lstm.weight_ih_l0'",
     ):
         find_prunable(Zoo(), include=["lstm2"])
 
@@ -90,7 +90,7 @@ def test_include_matching_nothing_lists_valid_names():
 def test_exclude_matching_nothing_raises():
     with pytest.raises(
         ValueError,
-        match=r"exclude pattern 'nope' matches no selected parameter; selected parameters: \['fc.weight'\]",
+        match=r"exclude glob 'nope' matches no module or selected parameter; selected parameters: \['fc.weight'\]",
     ):
         find_prunable(Zoo(), include="fc", exclude="nope")
 
@@ -98,7 +98,7 @@ def test_exclude_matching_nothing_raises():
 def test_empty_selection_raises():
     with pytest.raises(
         ValueError,
-        match=r"include=\['fc'\] and exclude=\['fc'\] leave no parameter of Zoo to prune",
+        match=r"no layer of Zoo selected: include=\['fc'\] and exclude=\['fc'\] leave no parameter to prune",
     ):
         find_prunable(Zoo(), include=["fc"], exclude=["fc"])
 

@@ -1,10 +1,10 @@
-"""Masks of the other patterns (nm, unstructured, block, vector) and PatternSpec."""
+"""Masks of the other patterns (nm, unstructured, block, vector) and the pattern objects built by make_pattern."""
 
 import pytest
 import torch
 
 from bs_lightning.sparsity import (
-    PatternSpec,
+    make_pattern,
     balanced_mask_k,
     block_mask,
     nm_mask,
@@ -79,15 +79,15 @@ def test_conv_weight_flattened_per_output_channel():
 @pytest.mark.parametrize(
     ("spec", "sparsity", "keep"),
     [
-        (PatternSpec("balanced", bank_size=8), 0.75, 2),
-        (PatternSpec("nm", n=2, m=4), 0.0, 4),
-        (PatternSpec("nm", n=2, m=4), 0.5, 2),
-        (PatternSpec("unstructured"), 0.75, 32),
-        (PatternSpec("block", block_size=4), 0.5, 4),
-        (PatternSpec("vector", vector_size=4), 0.75, 8),
+        (make_pattern("balanced", bank_size=8), 0.75, 2),
+        (make_pattern("nm", n=2, m=4), 0.0, 4),
+        (make_pattern("nm", n=2, m=4), 0.5, 2),
+        (make_pattern("unstructured"), 0.75, 32),
+        (make_pattern("block", block_size=4), 0.5, 4),
+        (make_pattern("vector", vector_size=4), 0.75, 8),
     ],
 )
-def test_pattern_spec_keep_and_mask(spec, sparsity, keep):
+def test_pattern_keep_and_mask(spec, sparsity, keep):
     w = torch.randn(8, 16)
     assert spec.keep(w, sparsity) == keep
     mask = spec.mask(w, keep)
@@ -95,9 +95,9 @@ def test_pattern_spec_keep_and_mask(spec, sparsity, keep):
     assert mask.float().mean().item() == pytest.approx(1 - sparsity)
 
 
-def test_pattern_spec_fixed_sparsity():
-    assert PatternSpec("nm", n=1, m=4).fixed_sparsity == 0.75
-    assert PatternSpec("balanced").fixed_sparsity is None
+def test_pattern_fixed_sparsity():
+    assert make_pattern("nm", n=1, m=4).fixed_sparsity == 0.75
+    assert make_pattern("balanced").fixed_sparsity is None
 
 
 @pytest.mark.parametrize(
@@ -114,21 +114,21 @@ def test_pattern_spec_fixed_sparsity():
         ({"m": 0}, r"m must be an integer >= 1, got 0"),
     ],
 )
-def test_pattern_spec_invalid(kwargs, match):
+def test_pattern_invalid(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        PatternSpec(**kwargs)
+        make_pattern(**kwargs)
 
 
-def test_pattern_spec_keep_errors_name_the_layer():
+def test_pattern_keep_errors_name_the_layer():
     w = torch.randn(4, 10)
     with pytest.raises(ValueError, match=r"m=4 for layer 'fc' must divide the row length 10"):
-        PatternSpec("nm").keep(w, 0.5, "fc")
+        make_pattern("nm").keep(w, 0.5, "fc")
     with pytest.raises(ValueError, match=r"bank_size=16 for layer 'fc' is longer than a row"):
-        PatternSpec("balanced", bank_size=16).keep(w, 0.5, "fc")
+        make_pattern("balanced", bank_size=16).keep(w, 0.5, "fc")
     with pytest.raises(
         ValueError, match=r"sparsity=0.99 for layer 'fc' keeps round\(4 \* \(1 - 0.99\)\) = 0 units"
     ):
-        PatternSpec("block", block_size=4).keep(torch.randn(8, 8), 0.99, "fc")
+        make_pattern("block", block_size=4).keep(torch.randn(8, 8), 0.99, "fc")
 
 
 def test_nm_row_not_multiple_raises():

@@ -28,23 +28,26 @@ from torch import Tensor
 from typing_extensions import override
 
 from bs_lightning.sparsity import (
-    PatternSpec,
+    PlannedParam,
     PrunableParam,
+    SparsityPlan,
     check_schedule,
     check_sparsity,
     find_prunable,
     is_pruning_step,
-    keep_count,
+    make_pattern,
     matrix_to_param,
     sparsity_at,
 )
+from bs_lightning.validation import glob_list
 
 __all__ = ["BalancedPruningCallback"]
 
 # strategies that shard or flatten parameters, so per-parameter masks cannot be applied
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
 _DEFAULT_SPARSITY = 0.9
-_STATE_VERSION = 1
+# 2: the pattern is stored with its options (`Pattern.to_dict`), and the sparsity plan
+_STATE_VERSION = 2
 
 
 @dataclass
@@ -59,16 +62,6 @@ class _Layer:
     mask: Tensor | None = None  # bool, parameter's shape, True = kept; None = dense
     mask_mul: Tensor | None = None  # mask in the parameter's dtype for the per-step multiply
     effective: float = 0.0  # fraction of zeros the mask imposes
-
-
-def _glob_list(value: Any, arg: str) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise ValueError(f"{arg} must be None, a glob string or a list of glob strings, got {value!r}")
 
 
 class BalancedPruningCallback(Callback):
@@ -144,7 +137,9 @@ class BalancedPruningCallback(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        self.spec = PatternSpec(pattern, bank_size, n, m, block_size, vector_size)
+        self.pattern = make_pattern(
+            pattern, bank_size=bank_size, n=n, m=m, block_size=block_size, vector_size=vector_size
+        )
         check_schedule(schedule, start_step, end_step, frequency)
         self.targets = self._check_targets(sparsity)
         low = min(self.targets.values())
@@ -162,8 +157,8 @@ class BalancedPruningCallback(Callback):
         self.start_step = start_step
         self.end_step = end_step
         self.frequency = frequency
-        self.include = _glob_list(include, "include")
-        self.exclude = _glob_list(exclude, "exclude")
+        self.include = glob_list(include, "include")
+        self.exclude = glob_list(exclude, "exclude")
         self.verbose = verbose
         self.layers: dict[str, _Layer] = {}
         self.last_pruned_step: int | None = None
@@ -175,13 +170,14 @@ class BalancedPruningCallback(Callback):
 
     def _check_targets(self, sparsity: Any) -> dict[str, float]:
         """Glob -> target sparsity (`"*"` for a single float); validated keep-counts."""
-        fixed = self.spec.fixed_sparsity
+        fixed = self.pattern.fixed_sparsity
         if fixed is not None:  # N:M fixes the target
             if sparsity is not None and (
                 isinstance(sparsity, Mapping) or check_sparsity(sparsity) != fixed
             ):
+                options = ", ".join(f"{k}={v}" for k, v in self.pattern.options().items())
                 raise ValueError(
-                    f"pattern 'nm' with n={self.spec.n}, m={self.spec.m} fixes sparsity to "
+                    f"pattern {self.pattern.name!r} with {options} fixes sparsity to "
                     f"{fixed}; pass sparsity=None or {fixed}, got {sparsity!r}"
                 )
             return {"*": fixed}
@@ -194,12 +190,9 @@ class BalancedPruningCallback(Callback):
             for key, value in sparsity.items():
                 if not isinstance(key, str):
                     raise ValueError(f"sparsity mapping keys must be glob strings, got {key!r}")
-                targets[key] = check_sparsity(value, key)
+                targets[key] = self.pattern.check_target(value, key)
         else:
-            targets = {"*": check_sparsity(sparsity)}
-        if self.spec.pattern == "balanced":
-            for key, value in targets.items():
-                keep_count(self.spec.bank_size, value, None if key == "*" else key)
+            targets = {"*": self.pattern.check_target(sparsity)}
         return targets
 
     def _target_for(self, entry: PrunableParam) -> float | None:
@@ -248,8 +241,8 @@ class BalancedPruningCallback(Callback):
             if final is None:
                 continue
             matrix = entry.matrix()
-            units = self.spec.units(matrix)
-            keep_final = self.spec.keep(matrix, final, entry.name)
+            units = self.pattern.units(matrix)
+            keep_final = self.pattern.keep(matrix, final, entry.name)
             old = self.layers.get(entry.name)
             if old is not None and old.entry.param.shape == entry.param.shape:
                 # a second fit with the same callback continues from the current masks
@@ -265,6 +258,7 @@ class BalancedPruningCallback(Callback):
         if self._loaded is not None:
             self._restore(self._loaded)
             self._loaded = None
+        self.plan.record(pl_module)
         self._resolved_end = self._resolve_end(trainer)
         for layer in self.layers.values():
             if layer.mask is not None:
@@ -295,6 +289,7 @@ class BalancedPruningCallback(Callback):
         self.last_pruned_step = step
         changed = self._prune(step, trainer)
         if changed:
+            self.plan.record(pl_module)
             self._log(trainer, step)
 
     @override
@@ -307,6 +302,7 @@ class BalancedPruningCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
         self._apply_masks(self.layers.values(), grads=False)
+        self.plan.record(pl_module)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -319,13 +315,34 @@ class BalancedPruningCallback(Callback):
 
     # ---------------------------------------------------------------- state
 
+    @property
+    def plan(self) -> SparsityPlan:
+        """What this callback prunes how: every selected parameter with its pattern, target
+        and the keep-count reached so far (the full count before its first pruning step).
+
+        It is kept in the checkpoint state (`SparsityPlan.from_checkpoint`) and recorded for
+        the model being trained (`SparsityPlan.recorded(model)`), which `convert_to_sparse`
+        uses when no plan is passed.
+        """
+        return SparsityPlan(
+            PlannedParam(
+                layer.entry.module_name,
+                layer.entry.param_name,
+                self.pattern,
+                layer.final,
+                layer.keep,
+                tuple(layer.entry.param.shape),
+            )
+            for layer in self.layers.values()
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Masks, keep-counts and schedule position, for an exact resume."""
+        """Masks, keep-counts and schedule position, for an exact resume, and the plan."""
         return {
             "version": _STATE_VERSION,
-            "pattern": self.spec.pattern,
-            "bank_size": self.spec.bank_size,
+            "pattern": self.pattern.to_dict(),
+            "plan": self.plan.to_dict(),
             "end_step": self._resolved_end,
             "last_pruned_step": self.last_pruned_step,
             "layers": {
@@ -340,12 +357,22 @@ class BalancedPruningCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Keeps the state until `on_train_start`, when parameters and devices are known."""
-        for key, mine in (("pattern", self.spec.pattern), ("bank_size", self.spec.bank_size)):
-            if state_dict.get(key, mine) != mine:
+        """Keeps the state until `on_train_start`, when parameters and devices are known.
+
+        Raises:
+            ValueError: when the checkpoint was pruned with another pattern or option.
+        """
+        mine = self.pattern.to_dict()
+        saved = state_dict.get("pattern", mine)
+        if not isinstance(saved, Mapping):  # version 1: the name, and bank_size beside it
+            saved = {"pattern": saved, "bank_size": state_dict.get("bank_size")}
+        # the name first: options of another pattern mean nothing to this one
+        keys = ["pattern"] + [key for key in mine if key != "pattern"]
+        for key in keys:
+            if saved.get(key, mine[key]) != mine[key]:
                 raise ValueError(
-                    f"checkpoint was pruned with {key}={state_dict[key]!r} but this callback "
-                    f"has {key}={mine!r}; resume with the same {key}"
+                    f"checkpoint was pruned with {key}={saved[key]!r} but this callback "
+                    f"has {key}={mine[key]!r}; resume with the same {key}"
                 )
         self._loaded = state_dict
 
@@ -411,13 +438,13 @@ class BalancedPruningCallback(Callback):
                 self.initial_sparsity,
             )
             matrix = layer.entry.matrix()
-            keep = layer.units if s_t == 0.0 else self.spec.keep(matrix, s_t, layer.entry.name)
+            keep = layer.units if s_t == 0.0 else self.pattern.keep(matrix, s_t, layer.entry.name)
             keep = max(layer.keep_final, min(layer.keep, keep))
             if keep == layer.keep:
                 continue
             prev = None if layer.mask is None else layer.entry.matrix(layer.mask)
             new = matrix_to_param(
-                layer.entry.module, layer.entry.param_name, self.spec.mask(matrix, keep, prev)
+                layer.entry.module, layer.entry.param_name, self.pattern.mask(matrix, keep, prev)
             )
             layer.keep = keep
             self._install_mask(layer, self._broadcast(new))
@@ -442,10 +469,6 @@ class BalancedPruningCallback(Callback):
         # multiplying by a mask of the parameter's own dtype is the fastest in-place update
         layer.mask_mul = layer.mask.to(param.dtype)
         layer.effective = 1.0 - float(layer.mask.sum()) / layer.mask.numel()
-        if self.spec.pattern in ("balanced", "nm"):
-            bank = self.spec.bank_size if self.spec.pattern == "balanced" else self.spec.m
-            banks = layer.entry.module.__dict__.setdefault("_bs_lightning_banks", {})
-            banks[layer.entry.param_name] = (bank, layer.keep)
 
     @staticmethod
     @torch.no_grad()
@@ -504,19 +527,16 @@ class BalancedPruningCallback(Callback):
 
     def summary_table(self) -> str:
         """Markdown table: parameter, shape, pattern, keep-count, target and effective sparsity."""
-        unit = {"balanced": f"k of {self.spec.bank_size}", "nm": f"n of {self.spec.m}"}.get(
-            self.spec.pattern, "units kept"
-        )
         lines = [
-            f"| parameter | shape | pattern | {unit} | target | effective |",
+            f"| parameter | shape | pattern | {self.pattern.unit_label} | target | effective |",
             "|---|---|---|---|---|---|",
         ]
         for name, layer in self.layers.items():
             shape = "x".join(str(d) for d in layer.entry.param.shape)
             lines.append(
-                f"| {name} | {shape} | {self.spec.pattern} | {layer.keep} | "
+                f"| {name} | {shape} | {self.pattern.name} | {layer.keep} | "
                 f"{layer.final:.4f} | {layer.effective:.4f} |"
             )
         overall = self.sparsity_report()["sparsity/overall"]
         lines.append(f"| overall | | | | | {overall:.4f} |")
-        return "BalancedPruningCallback summary\n" + "\n".join(lines)
+        return f"BalancedPruningCallback summary: {self.pattern.describe()}\n" + "\n".join(lines)

@@ -6,7 +6,9 @@ A saved folder holds:
 - `model.safetensors`: the state dict; sparse layers store only `values` / `indices`
   (+ `bias`); tied tensors (GPT-2 `lm_head.weight`) are stored once,
 - `bs_lightning_sparse.json`: the marker, with the model class, dtype, bank size and keep-count
-  and, for every sparse layer, its type and shapes, plus the tied-tensor map.
+  and, for every sparse layer, its type and shapes, the tied-tensor map and (format version 2)
+  the sparsity plan (`SparsityPlan.to_dict()`): the plan recorded for the model by
+  `prune_and_convert` / `convert_to_sparse`, completed from the sparse layers themselves.
 
 `load_sparse` rebuilds the architecture from the config with every Linear-like layer created
 on the meta device (no storage), swaps the sparse layers in from their shapes, and assigns the
@@ -31,6 +33,8 @@ from bs_lightning import __version__
 from bs_lightning.hf.select import LINEAR_LIKE
 from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseLinear
 from bs_lightning.nn.base import BalancedSparseModule
+from bs_lightning.nn.swap import owner_of, replace_submodule
+from bs_lightning.sparsity import BalancedPattern, PlannedParam, SparsityPlan
 
 __all__ = [
     "MARKER_FILE",
@@ -43,7 +47,8 @@ __all__ = [
 
 MARKER_FILE = "bs_lightning_sparse.json"
 WEIGHTS_FILE = "model.safetensors"
-FORMAT_VERSION = 1
+# 2 adds the sparsity plan; version 1 folders still load (their plan is read off the layers)
+FORMAT_VERSION = 2
 # marker "type" -> inference module class
 SPARSE_TYPES: dict[str, type[nn.Module]] = {
     "BalancedSparseLinear": BalancedSparseLinear,
@@ -66,6 +71,28 @@ def _layer_entry(module: nn.Module) -> dict:
         "k": module.k,
         "bias": module.bias is not None,
     }
+
+
+def _planned(name: str, entry: dict) -> PlannedParam:
+    """The plan entry of a sparse layer described by its marker entry (`_layer_entry`)."""
+    bank, k = entry["bank_size"], entry["k"]
+    out_in = (entry["out_features"], entry["in_features"])
+    # GPT-2 Conv1D stores its weight [in, out]
+    shape = out_in[::-1] if entry["type"] == "BalancedSparseConv1D" else out_in
+    return PlannedParam(name, "weight", BalancedPattern(bank), 1 - k / bank, k, shape)
+
+
+def _plan_to_save(model: nn.Module, layers: dict[str, dict]) -> SparsityPlan:
+    """The recorded plan, with every sparse layer's entry checked against the layer."""
+    recorded = SparsityPlan.recorded(model)
+    entries = {e.name: e for e in recorded} if recorded is not None else {}
+    for name, entry in layers.items():
+        derived = _planned(name, entry)
+        known = entries.get(derived.name)
+        # the layer is the truth: a recorded entry that disagrees with it is replaced
+        if known is None or known.compact_layout != derived.compact_layout:
+            entries[derived.name] = derived
+    return SparsityPlan(entries.values())
 
 
 def _common(entries: dict[str, dict], key: str):
@@ -144,6 +171,7 @@ def save_sparse(model: transformers.PreTrainedModel, path: str | Path) -> Path:
         "k": _common(layers, "k"),
         "sparse_layers": layers,
         "tied": tied,
+        "plan": _plan_to_save(model, layers).to_dict(),
     }
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2) + "\n")
     return out
@@ -183,13 +211,13 @@ def _read_marker(folder: Path) -> dict:
             f"bs_lightning.hf.save_sparse"
         )
     marker = json.loads(marker_path.read_text())
-    if marker.get("format") != "bs_lightning.sparse" or marker.get("format_version") != (
-        FORMAT_VERSION
+    if marker.get("format") != "bs_lightning.sparse" or marker.get("format_version") not in (
+        range(1, FORMAT_VERSION + 1)
     ):
         raise ValueError(
             f"{marker_path} has format {marker.get('format')!r} version "
             f"{marker.get('format_version')!r}; this bs_lightning reads "
-            f"'bs_lightning.sparse' version {FORMAT_VERSION}"
+            f"'bs_lightning.sparse' versions 1..{FORMAT_VERSION}"
         )
     return marker
 
@@ -221,11 +249,6 @@ def _build_sparse(name: str, entry: dict, dtype: torch.dtype) -> nn.Module:
     )
 
 
-def _owner(model: nn.Module, qualified: str) -> tuple[nn.Module, str]:
-    parent, _, attr = qualified.rpartition(".")
-    return (model.get_submodule(parent) if parent else model), attr
-
-
 def load_sparse(
     path: str | Path, device: str | torch.device | None = None
 ) -> transformers.PreTrainedModel:
@@ -236,7 +259,8 @@ def load_sparse(
         device: where to put the model; default CPU.
 
     Returns:
-        The model in eval mode, of the class recorded in the marker, with its sparse layers.
+        The model in eval mode, of the class recorded in the marker, with its sparse layers;
+        its sparsity plan is recorded for it (`SparsityPlan.recorded(model)`).
 
     Raises:
         FileNotFoundError: when the folder has no marker file.
@@ -262,8 +286,7 @@ def load_sparse(
                 f"sparse layer {name!r} in {MARKER_FILE} replaces a {type(dense).__name__}; "
                 f"only {[t.__name__ for t in LINEAR_LIKE]} layers can be sparse"
             )
-        owner, attr = _owner(model, name)
-        setattr(owner, attr, _build_sparse(name, entry, dtype))
+        replace_submodule(model, name, _build_sparse(name, entry, dtype))
 
     state = load_file(folder / WEIGHTS_FILE)
     tied: dict[str, str] = marker.get("tied", {})
@@ -275,12 +298,17 @@ def load_sparse(
             f"{missing}, unexpected {sorted(result.unexpected_keys)}"
         )
     for key, source in tied.items():
-        owner, attr = _owner(model, key)
-        src_owner, src_attr = _owner(model, source)
+        owner, attr = owner_of(model, key)
+        src_owner, src_attr = owner_of(model, source)
         setattr(owner, attr, getattr(src_owner, src_attr))
     left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"{folder / WEIGHTS_FILE} leaves tensors without data: {left}")
+    if "plan" in marker:
+        plan = SparsityPlan.from_dict(marker["plan"])
+    else:
+        plan = SparsityPlan(_planned(n, e) for n, e in marker["sparse_layers"].items())
+    plan.record(model)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -33,7 +33,9 @@ from torch import nn
 
 from bs_lightning import ops
 from bs_lightning.nn.format import check_bank_size, pack_balanced, unpack_balanced
-from bs_lightning.sparsity.masks import balanced_mask, bank_layout, keep_count
+from bs_lightning.sparsity.masks import bank_layout
+from bs_lightning.sparsity.oneshot import prune_matrix
+from bs_lightning.sparsity.patterns import BalancedPattern
 
 __all__ = ["BalancedSparseModule", "prune_and_pack"]
 
@@ -56,7 +58,7 @@ def prune_and_pack(
     Args:
         matrix: `[out, in]` matrix view of a weight.
         bank_size: columns per bank `B`, `1 <= B <= min(in, 256)`.
-        sparsity: target sparsity in [0, 1): prune with `balanced_mask` first. None: the
+        sparsity: target sparsity in [0, 1): prune one-shot first (`prune_matrix`). None: the
             matrix must already be balanced.
         k: keep-count per full bank when known (e.g. recorded by the callback); None infers
             it from the zeros. Not allowed together with `sparsity`.
@@ -74,10 +76,9 @@ def prune_and_pack(
             raise ValueError(
                 f"give sparsity or k{_where(name)}, not both (got sparsity={sparsity}, k={k})"
             )
-        # balanced_mask accepts any bank size; the uint8 format does not
+        # the balanced pattern accepts any bank size; the uint8 format does not
         check_bank_size(bank_size, matrix.shape[-1], name)
-        k = keep_count(bank_size, sparsity, name)
-        matrix = matrix.masked_fill(~balanced_mask(matrix, sparsity, bank_size, name), 0)
+        matrix, k = prune_matrix(matrix, BalancedPattern(bank_size), sparsity, name)
     return pack_balanced(matrix, bank_size, k, name)
 
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import torch
 
+from bs_lightning import validation
 from bs_lightning.sparsity.masks import bank_layout
+from bs_lightning.validation import MAX_BANK_SIZE
 
 __all__ = [
     "MAX_BANK_SIZE",
@@ -28,9 +30,6 @@ __all__ = [
     "pack_balanced",
     "unpack_balanced",
 ]
-
-# in-bank indices are stored as uint8
-MAX_BANK_SIZE = 256
 
 
 def _where(name: str | None) -> str:
@@ -51,15 +50,7 @@ def check_bank_size(bank_size: int, in_features: int, name: str | None = None) -
     Raises:
         ValueError: when `bank_size` is not an integer in [1, min(in_features, 256)].
     """
-    if (
-        isinstance(bank_size, bool)
-        or not isinstance(bank_size, int)
-        or not (1 <= bank_size <= MAX_BANK_SIZE)
-    ):
-        raise ValueError(
-            f"bank_size{_where(name)} must be an integer in [1, {MAX_BANK_SIZE}] "
-            f"(indices are uint8), got {bank_size!r}"
-        )
+    validation.check_bank_size(bank_size, name)
     if bank_size > in_features:
         raise ValueError(
             f"bank_size={bank_size}{_where(name)} is longer than a row ({in_features} "

@@ -15,6 +15,9 @@ import math
 
 import torch
 
+from bs_lightning.validation import check_int, check_sparsity
+from bs_lightning.validation import where as _where
+
 __all__ = [
     "balanced_mask",
     "balanced_mask_k",
@@ -23,40 +26,6 @@ __all__ = [
     "keep_count",
     "topk_mask_lastdim",
 ]
-
-
-def _where(name: str | None) -> str:
-    return f" for layer {name!r}" if name else ""
-
-
-def check_sparsity(sparsity: float, name: str | None = None) -> float:
-    """Validates a sparsity value and returns it as a float.
-
-    Args:
-        sparsity: fraction of weights to remove, in [0, 1).
-        name: layer or parameter name used in the error message.
-
-    Returns:
-        `sparsity` as a Python float.
-
-    Raises:
-        ValueError: when `sparsity` is not a real number in [0, 1).
-    """
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(
-            f"sparsity{_where(name)} must be a float in [0, 1), got {sparsity!r} "
-            f"of type {type(sparsity).__name__}"
-        )
-    s = float(sparsity)
-    if not (0.0 <= s < 1.0):  # also rejects NaN
-        raise ValueError(f"sparsity{_where(name)} must be in [0, 1), got {sparsity!r}")
-    return s
-
-
-def _check_bank_size(bank_size: int, name: str | None) -> int:
-    if isinstance(bank_size, bool) or not isinstance(bank_size, int) or bank_size < 1:
-        raise ValueError(f"bank_size{_where(name)} must be an integer >= 1, got {bank_size!r}")
-    return bank_size
 
 
 def keep_count(bank_size: int, sparsity: float, name: str | None = None) -> int:
@@ -76,7 +45,7 @@ def keep_count(bank_size: int, sparsity: float, name: str | None = None) -> int:
         ValueError: when `bank_size < 1`, `sparsity` is outside [0, 1), or the rule keeps
             0 weights per bank.
     """
-    _check_bank_size(bank_size, name)
+    check_int(bank_size, "bank_size", 1, name=name)
     s = check_sparsity(sparsity, name)
     k = round(bank_size * (1.0 - s))
     if k == 0:
@@ -106,7 +75,7 @@ def bank_layout(row_length: int, bank_size: int, k: int, name: str | None = None
         ValueError: when `bank_size < 1`, `bank_size > row_length` or `k` is not in
             [1, bank_size].
     """
-    _check_bank_size(bank_size, name)
+    check_int(bank_size, "bank_size", 1, name=name)
     if bank_size > row_length:
         raise ValueError(
             f"bank_size={bank_size}{_where(name)} is longer than a row ({row_length} "

@@ -18,10 +18,13 @@ from __future__ import annotations
 import fnmatch
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from bs_lightning.validation import glob_list
 
 __all__ = [
     "PrunableParam",
@@ -154,10 +157,8 @@ class PrunableParam:
         return matrix_view(self.module, self.param_name, tensor)
 
 
-def _matches(pattern: str, entry: PrunableParam) -> bool:
-    return fnmatch.fnmatchcase(entry.module_name, pattern) or fnmatch.fnmatchcase(
-        entry.name, pattern
-    )
+def _matches(glob: str, entry: PrunableParam) -> bool:
+    return fnmatch.fnmatchcase(entry.module_name, glob) or fnmatch.fnmatchcase(entry.name, glob)
 
 
 def _names_hint(entries: list[PrunableParam], limit: int = 12) -> str:
@@ -170,32 +171,43 @@ def find_prunable(
     model: nn.Module,
     include: list[str] | str | None = None,
     exclude: list[str] | str | None = None,
+    default: Callable[[str, nn.Module, str], bool] | None = None,
 ) -> list[PrunableParam]:
-    """Selects the parameters to prune, in `model.named_modules()` order.
+    """The one parameter selector (the callback, one-shot pruning and `bs_lightning.hf`).
 
-    Patterns are `fnmatch` globs (`*` also crosses dots) matched against the module name
-    (`"encoder.layers.0.linear1"`) or the full parameter name (`"lstm.weight_hh_l0"`).
-    Without `include`, every out-of-the-box prunable parameter is selected. A parameter of
-    another kind (an embedding, any >= 2-D weight) is selected only when asked: an include
-    pattern matches its full name and ends with its parameter name (e.g. `"embed.weight"`,
-    `"*.weight"`). Shared (tied) parameters count once, as their first name (a GPT-2 head tied
-    to the token embedding is an embedding: not pruned unless asked).
+    Rules, in `model.named_modules()` order:
+    - Globs are `fnmatch` patterns (`*` also crosses dots) matched against the module name
+      (`"encoder.layers.0.linear1"`) or the full parameter name (`"lstm.weight_hh_l0"`).
+    - Prunable by type: the parameters `default_prunable_names` lists (see module doc).
+    - Without `include`: the prunable-by-type parameters that `default` accepts (all of
+      them when `default` is None; `bs_lightning.hf` passes "Linear-like inside the
+      numbered blocks").
+    - With `include`: the prunable-by-type parameters an include glob matches, plus any other
+      parameter with >= 2 dimensions (an embedding) whose full name an include glob matches
+      and ends with its parameter name (`"embed.weight"`, `"*.weight"`).
+    - `exclude` globs remove parameters from the selection.
+    - Shared (tied) parameters count once, as their first name (a GPT-2 head tied to the
+      token embedding is an embedding: not pruned unless asked).
+    - Every glob must select (include) or remove (exclude) something, and the selection must
+      not be empty.
 
     Args:
         model: the model to search.
-        include: glob or list of globs selecting parameters; None = all prunable ones.
+        include: glob or list of globs selecting parameters; None = the default rule.
         exclude: glob or list of globs removing parameters from the selection.
+        default: `(module_name, module, param_name) -> bool`, the default rule; None = every
+            prunable-by-type parameter.
 
     Returns:
         The selected parameters.
 
     Raises:
-        ValueError: when an include or exclude pattern matches no parameter (the message
-            lists valid names), or the selection is empty.
+        ValueError: when a glob argument is malformed, an include or exclude glob selects
+            nothing (the message lists valid names), or the selection is empty.
     """
-    include = [include] if isinstance(include, str) else include
-    exclude = [exclude] if isinstance(exclude, str) else exclude
-    default: list[PrunableParam] = []
+    include = glob_list(include, "include")
+    exclude = glob_list(exclude, "exclude")
+    by_type: list[PrunableParam] = []
     other: list[PrunableParam] = []
     seen: set[int] = set()
     order: dict[str, int] = {}  # full name -> position in named_modules order
@@ -213,40 +225,44 @@ def find_prunable(
             )
             order[entry.name] = len(order)
             if param_name in prunable:
-                default.append(entry)
+                by_type.append(entry)
             elif param.dim() >= 2 and not isinstance(param, nn.parameter.UninitializedParameter):
                 other.append(entry)
-    if not default and not other:
+    if not by_type and not other:
         raise ValueError(f"{type(model).__name__} has no parameter with >= 2 dimensions to prune")
 
-    selected = default
-    if include is not None:
+    if include is None:
+        selected = [
+            e for e in by_type if default is None or default(e.module_name, e.module, e.param_name)
+        ]
+    else:
         selected = []
-        for pattern in include:
-            hits = [e for e in default if _matches(pattern, e)]
+        for glob in include:
+            hits = [e for e in by_type if _matches(glob, e)]
             hits += [
                 e
                 for e in other
-                if fnmatch.fnmatchcase(e.name, pattern)
-                and pattern.rsplit(".", 1)[-1] == e.param_name
+                if fnmatch.fnmatchcase(e.name, glob) and glob.rsplit(".", 1)[-1] == e.param_name
             ]
             if not hits:
                 raise ValueError(
-                    f"include pattern {pattern!r} matches no parameter of "
-                    f"{type(model).__name__}; prunable parameters: {_names_hint(default)}"
+                    f"include glob {glob!r} matches no module or parameter of "
+                    f"{type(model).__name__} that can be pruned; prunable parameters: "
+                    f"{_names_hint(by_type)}"
                 )
             selected += [e for e in hits if e not in selected]
         selected.sort(key=lambda e: order[e.name])
-    for pattern in exclude or []:
-        if not any(_matches(pattern, e) for e in selected):
+    for glob in exclude or []:
+        if not any(_matches(glob, e) for e in selected):
             raise ValueError(
-                f"exclude pattern {pattern!r} matches no selected parameter; selected "
+                f"exclude glob {glob!r} matches no module or selected parameter; selected "
                 f"parameters: {_names_hint(selected)}"
             )
-        selected = [e for e in selected if not _matches(pattern, e)]
+        selected = [e for e in selected if not _matches(glob, e)]
     if not selected:
         raise ValueError(
-            f"include={include!r} and exclude={exclude!r} leave no parameter of "
-            f"{type(model).__name__} to prune; prunable parameters: {_names_hint(default)}"
+            f"no layer of {type(model).__name__} selected: include={include!r} and "
+            f"exclude={exclude!r} leave no parameter to prune; prunable parameters: "
+            f"{_names_hint(by_type)}"
         )
     return selected

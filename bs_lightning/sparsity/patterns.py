@@ -1,325 +1,361 @@
-"""Masks for the patterns the paper compares, and one spec object that dispatches on them.
+"""Pattern objects: each pattern owns its keep-count rule, its mask, how it converts and its text.
 
-All functions work on a matrix view `[out, in]` (see `matrix_view`) or any `[out, ...]`
-weight, which is flattened per output row. True = kept. Every function accepts `prev_mask`:
-entries False there are never kept again, so a mask computed on a gradual schedule only
-shrinks (a weight that happens to be 0 cannot win a tie against an already pruned one).
+A pattern turns a target sparsity into a keep-count of its own units and a keep-count into a
+mask of a `[out, in]` matrix view:
 
-Patterns:
-- "balanced": `k` of every `bank_size` consecutive columns per row (`masks.balanced_mask`).
-- "nm": N:M, `n` of every `m` consecutive columns; the row length must be a multiple of `m`.
-- "unstructured": the largest |w| of the whole layer.
-- "block": `block_size x block_size` tiles of the matrix view, ranked by L2 norm; tiles at
-  the right/bottom edge may be smaller and are ranked by their own norm.
-- "vector": 1-D runs of `vector_size` consecutive columns in a row, ranked by L2 norm; the
-  last run of a row may be shorter.
+| pattern | options | unit of the keep-count | converts to the compact format |
+|---|---|---|---|
+| `BalancedPattern` ("balanced") | `bank_size` | weights per bank | bank `bank_size`, `k = keep` |
+| `NMPattern` ("nm") | `n`, `m` | weights per group of `m` | bank `m`, `k = keep` |
+| `UnstructuredPattern` ("unstructured") | | weights per layer | no |
+| `BlockPattern` ("block") | `block_size` | `b x b` tiles per layer | no |
+| `VectorPattern` ("vector") | `vector_size` | runs of `v` columns per layer | no |
+
+`PATTERNS` is the one registry from the strings users write (`pattern="balanced"`, Hydra's
+`pruning.pattern`) to these classes; `make_pattern` builds one from the callback's options
+and `pattern_from_dict` from its `to_dict()`. Nothing else in the package compares pattern
+strings.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 
-from bs_lightning.sparsity.masks import (
-    _where,
-    balanced_mask_k,
-    bank_layout,
-    check_sparsity,
-    keep_count,
-    topk_mask_lastdim,
+from bs_lightning.sparsity.masks import balanced_mask_k, bank_layout, keep_count
+from bs_lightning.sparsity.pattern_masks import (
+    tile_count,
+    tile_mask,
+    units_to_keep,
+    unstructured_mask_k,
 )
+from bs_lightning.validation import check_int, check_sparsity
+from bs_lightning.validation import where as _where
 
 __all__ = [
     "PATTERNS",
-    "PatternSpec",
-    "block_mask",
-    "nm_mask",
-    "tile_mask",
-    "unstructured_mask",
-    "vector_mask",
+    "BalancedPattern",
+    "BlockPattern",
+    "NMPattern",
+    "Pattern",
+    "UnstructuredPattern",
+    "VectorPattern",
+    "make_pattern",
+    "pattern_from_dict",
 ]
 
-PATTERNS = ("balanced", "nm", "unstructured", "block", "vector")
+
+def _row_length(matrix: torch.Tensor) -> int:
+    return matrix[0].numel() if matrix.shape[0] else 0
 
 
-def _as_matrix(weight: torch.Tensor, name: str | None) -> torch.Tensor:
-    if weight.dim() == 0:
-        raise ValueError(f"weight{_where(name)} must have at least one dimension, got a scalar")
-    return weight.detach().reshape(weight.shape[0], -1)
+class Pattern(ABC):
+    """A sparsity pattern with its shape options (a frozen dataclass in every subclass).
 
-
-def _units_to_keep(n_units: int, sparsity: float, unit: str, name: str | None) -> int:
-    s = check_sparsity(sparsity, name)
-    keep = round(n_units * (1.0 - s))
-    if keep == 0:
-        raise ValueError(
-            f"sparsity={s}{_where(name)} keeps round({n_units} * (1 - {s})) = 0 {unit}s of "
-            f"{n_units}; use sparsity <= {1 - 1 / n_units:.6g}"
-        )
-    return keep
-
-
-def _prune_scores(scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-    # |w| and norms are >= 0, so -1 ranks every previously pruned unit last.
-    return scores if allowed is None else scores.masked_fill(~allowed, -1.0)
-
-
-def nm_mask(
-    weight: torch.Tensor,
-    n: int,
-    m: int,
-    name: str | None = None,
-    prev_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """N:M mask: `n` kept in every group of `m` consecutive columns of each row.
-
-    Args:
-        weight: `[out, ...]` tensor with matrix view `[out, L]`, `L` a multiple of `m`.
-        n: weights kept per group, `1 <= n <= m`.
-        m: group length.
-        name: layer name used in error messages.
-        prev_mask: optional bool tensor of `weight`'s shape; False entries stay pruned.
-
-    Returns:
-        Bool tensor of `weight`'s shape, True = kept.
-
-    Raises:
-        ValueError: when the row length is not a multiple of `m`, or `n`/`m` are invalid.
+    The keep-count counts the pattern's units (see the module table). A gradual schedule
+    lowers it step by step; the callback never lets it go up.
     """
-    length = _as_matrix(weight, name).shape[1]
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1 or length % m:
-        raise ValueError(
-            f"m={m!r}{_where(name)} must be an integer >= 1 dividing the row length {length}"
-        )
-    return balanced_mask_k(weight, m, n, name, prev_mask=prev_mask)
 
+    name: ClassVar[str]
 
-def unstructured_mask(
-    weight: torch.Tensor,
-    sparsity: float,
-    name: str | None = None,
-    prev_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Layer-wise magnitude mask: keeps the `round(numel * (1 - sparsity))` largest |w|.
+    @property
+    def fixed_sparsity(self) -> float | None:
+        """The sparsity the pattern itself fixes (`1 - n/m` for N:M), else None."""
+        return None
 
-    Ties: the lower flat index wins.
+    @abstractmethod
+    def units(self, matrix: torch.Tensor) -> int:
+        """Keep-count with nothing pruned, for a `[out, in]` matrix view."""
 
-    Args:
-        weight: any tensor with at least one dimension.
-        sparsity: target sparsity in [0, 1).
-        name: layer name used in error messages.
-        prev_mask: optional bool tensor of `weight`'s shape; False entries stay pruned.
+    @abstractmethod
+    def keep(self, matrix: torch.Tensor, sparsity: float, name: str | None = None) -> int:
+        """Keep-count at `sparsity` for a `[out, in]` matrix view; validates the layer.
 
-    Returns:
-        Bool tensor of `weight`'s shape, True = kept.
+        Raises:
+            ValueError: when the sparsity keeps 0 units or the layer does not fit the
+                pattern (a bank longer than a row, an N:M group not dividing a row), naming
+                the layer.
+        """
 
-    Raises:
-        ValueError: when `sparsity` is outside [0, 1) or keeps no weight.
-    """
-    matrix = _as_matrix(weight, name)
-    keep = _units_to_keep(matrix.numel(), sparsity, "weight", name)
-    allowed = None if prev_mask is None else prev_mask.reshape(-1)
-    scores = _prune_scores(matrix.abs().float().reshape(-1), allowed)
-    return topk_mask_lastdim(scores, keep).reshape(weight.shape)
+    @abstractmethod
+    def mask(
+        self, matrix: torch.Tensor, keep: int, prev_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Bool mask of `matrix`'s shape `[out, in]` keeping `keep` units; True = kept.
 
+        `prev_mask` (same shape): entries False there are never kept again.
+        """
 
-def tile_mask(
-    weight: torch.Tensor,
-    tile_rows: int,
-    tile_cols: int,
-    keep_tiles: int,
-    prev_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Keeps the `keep_tiles` tiles of the matrix view with the largest L2 norm.
+    def check_target(self, sparsity: float, name: str | None = None) -> float:
+        """Validates a target sparsity before any layer is known; returns it as a float.
 
-    The matrix view `[R, C]` is cut into `ceil(R / tile_rows) x ceil(C / tile_cols)` tiles
-    (edge tiles smaller). Ties: the lower row-major tile index wins.
+        Raises:
+            ValueError: when it is outside [0, 1) or keeps nothing whatever the layer.
+        """
+        return check_sparsity(sparsity, name)
 
-    Args:
-        weight: `[out, ...]` tensor with matrix view `[R, C]`.
-        tile_rows: tile height.
-        tile_cols: tile width.
-        keep_tiles: number of tiles kept, `0 <= keep_tiles <= number of tiles`.
-        prev_mask: optional bool tensor of `weight`'s shape; a tile with no kept entry there
-            stays pruned.
+    def compact_layout(self, keep: int) -> tuple[int, int] | None:
+        """`(bank_size, k)` of the compact format at keep-count `keep`, or None when the
+        pattern has no sparse inference module (the layer stays dense)."""
+        return None
 
-    Returns:
-        Bool tensor of `weight`'s shape, True = kept.
-    """
-    matrix = _as_matrix(weight, None).float()
-    rows, cols = matrix.shape
-    tr, tc = math.ceil(rows / tile_rows), math.ceil(cols / tile_cols)
-    # zero padding does not change a tile's norm: [tr * tile_rows, tc * tile_cols]
-    padded = F.pad(matrix, (0, tc * tile_cols - cols, 0, tr * tile_rows - rows))
-    # [tr, tile_rows, tc, tile_cols] -> squared norm per tile [tr, tc]
-    tiles = padded.reshape(tr, tile_rows, tc, tile_cols)
-    scores = tiles.square().sum(dim=(1, 3)).reshape(-1)
-    allowed = None
-    if prev_mask is not None:
-        prev = F.pad(
-            prev_mask.reshape(rows, cols).float(),
-            (0, tc * tile_cols - cols, 0, tr * tile_rows - rows),
-        )
-        allowed = prev.reshape(tr, tile_rows, tc, tile_cols).amax(dim=(1, 3)).reshape(-1) > 0
-    kept = topk_mask_lastdim(_prune_scores(scores, allowed), keep_tiles).reshape(tr, tc)
-    full = kept.repeat_interleave(tile_rows, 0).repeat_interleave(tile_cols, 1)
-    return full[:rows, :cols].reshape(weight.shape)
+    @property
+    def converts(self) -> bool:
+        """True when pruned layers convert to balanced sparse inference modules."""
+        return self.compact_layout(1) is not None
 
+    @property
+    def unit_label(self) -> str:
+        """Column header of the keep-count in summaries (`"k of 32"`)."""
+        return "units kept"
 
-def _tile_count(weight: torch.Tensor, tile_rows: int, tile_cols: int) -> int:
-    rows = weight.shape[0]
-    cols = weight[0].numel() if rows else 0
-    return math.ceil(rows / tile_rows) * math.ceil(cols / tile_cols)
+    def describe(self) -> str:
+        """One line for logs and reports, e.g. `"balanced (banks of 32)"`."""
+        options = ", ".join(f"{k}={v}" for k, v in self.options().items())
+        return f"{self.name} ({options})" if options else self.name
 
+    def options(self) -> dict[str, int]:
+        """The shape options, e.g. `{"bank_size": 32}`."""
+        return asdict(self)
 
-def _check_size(value: int, what: str, name: str | None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what}{_where(name)} must be an integer >= 1, got {value!r}")
-    return value
-
-
-def block_mask(
-    weight: torch.Tensor,
-    sparsity: float,
-    block_size: int,
-    name: str | None = None,
-    prev_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Block mask: keeps the `block_size x block_size` tiles with the largest L2 norm.
-
-    Args:
-        weight: `[out, ...]` tensor with matrix view `[R, C]`.
-        sparsity: fraction of tiles removed, in [0, 1).
-        block_size: tile side `b >= 1`.
-        name: layer name used in error messages.
-        prev_mask: optional bool tensor of `weight`'s shape; False tiles stay pruned.
-
-    Returns:
-        Bool tensor of `weight`'s shape, True = kept.
-
-    Raises:
-        ValueError: when `block_size < 1`, or `sparsity` is outside [0, 1) or keeps no tile.
-    """
-    _check_size(block_size, "block_size", name)
-    _as_matrix(weight, name)
-    keep = _units_to_keep(_tile_count(weight, block_size, block_size), sparsity, "block", name)
-    return tile_mask(weight, block_size, block_size, keep, prev_mask)
-
-
-def vector_mask(
-    weight: torch.Tensor,
-    sparsity: float,
-    vector_size: int,
-    name: str | None = None,
-    prev_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Vector mask: keeps the 1-D runs of `vector_size` columns with the largest L2 norm.
-
-    Args:
-        weight: `[out, ...]` tensor with matrix view `[R, C]`.
-        sparsity: fraction of runs removed, in [0, 1).
-        vector_size: run length `v >= 1` along a row.
-        name: layer name used in error messages.
-        prev_mask: optional bool tensor of `weight`'s shape; False runs stay pruned.
-
-    Returns:
-        Bool tensor of `weight`'s shape, True = kept.
-
-    Raises:
-        ValueError: when `vector_size < 1`, or `sparsity` is outside [0, 1) or keeps no run.
-    """
-    _check_size(vector_size, "vector_size", name)
-    _as_matrix(weight, name)
-    keep = _units_to_keep(_tile_count(weight, 1, vector_size), sparsity, "vector", name)
-    return tile_mask(weight, 1, vector_size, keep, prev_mask)
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: `{"pattern": name, **options}`; `pattern_from_dict` inverts it."""
+        return {"pattern": self.name, **self.options()}
 
 
 @dataclass(frozen=True)
-class PatternSpec:
-    """A pattern and its shape parameters, turning a sparsity into a keep-count and a mask.
-
-    The keep-count counts the pattern's units: weights per bank ("balanced"), per group of
-    `m` ("nm"), weights per layer ("unstructured"), tiles per layer ("block", "vector").
-    A gradual schedule lowers it step by step; the callback never lets it go up.
+class BalancedPattern(Pattern):
+    """`k` of every `bank_size` consecutive columns per row (Yao et al. 2019).
 
     Attributes:
-        pattern: one of `PATTERNS`.
-        bank_size: columns per bank for "balanced".
-        n: weights kept per group for "nm" (the final keep-count).
-        m: group length for "nm".
-        block_size: tile side for "block".
-        vector_size: run length for "vector".
+        bank_size: columns per bank `B >= 1` (at most 256 to convert: uint8 indices).
     """
 
-    pattern: str = "balanced"
+    name: ClassVar[str] = "balanced"
     bank_size: int = 32
-    n: int = 2
-    m: int = 4
-    block_size: int = 4
-    vector_size: int = 4
 
     def __post_init__(self):
-        if self.pattern not in PATTERNS:
-            raise ValueError(f"pattern must be one of {list(PATTERNS)}, got {self.pattern!r}")
-        _check_size(self.bank_size, "bank_size", None)
-        _check_size(self.m, "m", None)
-        _check_size(self.block_size, "block_size", None)
-        _check_size(self.vector_size, "vector_size", None)
+        check_int(self.bank_size, "bank_size")
+
+    def units(self, matrix: torch.Tensor) -> int:
+        return self.bank_size
+
+    def keep(self, matrix: torch.Tensor, sparsity: float, name: str | None = None) -> int:
+        k = keep_count(self.bank_size, sparsity, name)
+        bank_layout(_row_length(matrix), self.bank_size, k, name)
+        return k
+
+    def mask(self, matrix, keep, prev_mask=None):
+        return balanced_mask_k(matrix, self.bank_size, keep, prev_mask=prev_mask)
+
+    def check_target(self, sparsity: float, name: str | None = None) -> float:
+        s = check_sparsity(sparsity, name)
+        keep_count(self.bank_size, s, name)
+        return s
+
+    def compact_layout(self, keep: int) -> tuple[int, int] | None:
+        return self.bank_size, keep
+
+    @property
+    def unit_label(self) -> str:
+        return f"k of {self.bank_size}"
+
+    def describe(self) -> str:
+        return f"balanced (banks of {self.bank_size})"
+
+
+@dataclass(frozen=True)
+class NMPattern(Pattern):
+    """N:M: `n` kept in every group of `m` consecutive columns (balanced with bank `m`).
+
+    Attributes:
+        n: weights kept per group at the target, `1 <= n <= m`.
+        m: group length; must divide every pruned row.
+    """
+
+    name: ClassVar[str] = "nm"
+    n: int = 2
+    m: int = 4
+
+    def __post_init__(self):
+        check_int(self.m, "m")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= self.m:
             raise ValueError(f"n must be an integer in [1, m={self.m}], got {self.n!r}")
 
     @property
     def fixed_sparsity(self) -> float | None:
-        """The sparsity the pattern itself fixes (`1 - n/m` for "nm"), else None."""
-        return 1.0 - self.n / self.m if self.pattern == "nm" else None
+        return 1.0 - self.n / self.m
 
     def units(self, matrix: torch.Tensor) -> int:
-        """Number of units one keep-count is out of (bank size, group, weights or tiles)."""
-        if self.pattern == "balanced":
-            return self.bank_size
-        if self.pattern == "nm":
-            return self.m
-        if self.pattern == "unstructured":
-            return matrix.numel()
-        if self.pattern == "block":
-            return _tile_count(matrix, self.block_size, self.block_size)
-        return _tile_count(matrix, 1, self.vector_size)
+        return self.m
 
     def keep(self, matrix: torch.Tensor, sparsity: float, name: str | None = None) -> int:
-        """Keep-count at `sparsity` for a `[out, in]` matrix view; validates the layer.
+        length = _row_length(matrix)
+        if length % self.m:
+            raise ValueError(
+                f"m={self.m}{_where(name)} must divide the row length {length} for pattern 'nm'"
+            )
+        return max(self.n, keep_count(self.m, sparsity, name))
 
-        Raises:
-            ValueError: when the sparsity keeps 0 units, the bank is longer than a row, or
-                an N:M group does not divide the row.
-        """
-        if self.pattern == "balanced":
-            k = keep_count(self.bank_size, sparsity, name)
-            bank_layout(matrix[0].numel() if matrix.shape[0] else 0, self.bank_size, k, name)
-            return k
-        if self.pattern == "nm":
-            length = matrix[0].numel() if matrix.shape[0] else 0
-            if length % self.m:
-                raise ValueError(
-                    f"m={self.m}{_where(name)} must divide the row length {length} for pattern 'nm'"
-                )
-            return max(self.n, keep_count(self.m, sparsity, name))
-        return _units_to_keep(self.units(matrix), sparsity, "unit", name)
+    def mask(self, matrix, keep, prev_mask=None):
+        return balanced_mask_k(matrix, self.m, keep, prev_mask=prev_mask)
 
-    def mask(
-        self, matrix: torch.Tensor, keep: int, prev_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mask of `matrix`'s shape keeping `keep` units (see `keep`). True = kept."""
-        if self.pattern in ("balanced", "nm"):
-            bank = self.bank_size if self.pattern == "balanced" else self.m
-            return balanced_mask_k(matrix, bank, keep, prev_mask=prev_mask)
-        if self.pattern == "unstructured":
-            allowed = None if prev_mask is None else prev_mask.reshape(-1)
-            scores = _prune_scores(matrix.detach().abs().float().reshape(-1), allowed)
-            return topk_mask_lastdim(scores, keep).reshape(matrix.shape)
-        side = (
-            (self.block_size, self.block_size) if self.pattern == "block" else (1, self.vector_size)
+    def compact_layout(self, keep: int) -> tuple[int, int] | None:
+        return self.m, keep
+
+    @property
+    def unit_label(self) -> str:
+        return f"n of {self.m}"
+
+    def describe(self) -> str:
+        return f"nm ({self.n}:{self.m})"
+
+
+@dataclass(frozen=True)
+class UnstructuredPattern(Pattern):
+    """Layer-wise magnitude pruning: the largest |w| of the whole matrix."""
+
+    name: ClassVar[str] = "unstructured"
+
+    def units(self, matrix: torch.Tensor) -> int:
+        return matrix.numel()
+
+    def keep(self, matrix: torch.Tensor, sparsity: float, name: str | None = None) -> int:
+        return units_to_keep(matrix.numel(), sparsity, "unit", name)
+
+    def mask(self, matrix, keep, prev_mask=None):
+        return unstructured_mask_k(matrix, keep, prev_mask)
+
+
+class _TilePattern(Pattern):
+    """Tiles of the matrix view ranked by L2 norm; subclasses give the tile's side."""
+
+    @property
+    @abstractmethod
+    def side(self) -> tuple[int, int]:
+        """`(tile_rows, tile_cols)`."""
+
+    def units(self, matrix: torch.Tensor) -> int:
+        return tile_count(matrix, *self.side)
+
+    def keep(self, matrix: torch.Tensor, sparsity: float, name: str | None = None) -> int:
+        return units_to_keep(self.units(matrix), sparsity, "unit", name)
+
+    def mask(self, matrix, keep, prev_mask=None):
+        return tile_mask(matrix, *self.side, keep, prev_mask)
+
+
+@dataclass(frozen=True)
+class BlockPattern(_TilePattern):
+    """`block_size x block_size` tiles kept by L2 norm (edge tiles smaller).
+
+    Attributes:
+        block_size: tile side `b >= 1`.
+    """
+
+    name: ClassVar[str] = "block"
+    block_size: int = 4
+
+    def __post_init__(self):
+        check_int(self.block_size, "block_size")
+
+    @property
+    def side(self) -> tuple[int, int]:
+        return self.block_size, self.block_size
+
+    def describe(self) -> str:
+        return f"block ({self.block_size}x{self.block_size})"
+
+
+@dataclass(frozen=True)
+class VectorPattern(_TilePattern):
+    """Runs of `vector_size` consecutive columns of a row kept by L2 norm.
+
+    Attributes:
+        vector_size: run length `v >= 1`; the last run of a row may be shorter.
+    """
+
+    name: ClassVar[str] = "vector"
+    vector_size: int = 4
+
+    def __post_init__(self):
+        check_int(self.vector_size, "vector_size")
+
+    @property
+    def side(self) -> tuple[int, int]:
+        return 1, self.vector_size
+
+    def describe(self) -> str:
+        return f"vector (runs of {self.vector_size})"
+
+
+# the one map from a pattern's name to its class
+PATTERNS: dict[str, type[Pattern]] = {
+    cls.name: cls
+    for cls in (BalancedPattern, NMPattern, UnstructuredPattern, BlockPattern, VectorPattern)
+}
+
+# every shape option a pattern may take, with the callback's defaults
+_OPTION_DEFAULTS = {"bank_size": 32, "n": 2, "m": 4, "block_size": 4, "vector_size": 4}
+
+
+def _option_names(cls: type[Pattern]) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _pattern_class(name: Any) -> type[Pattern]:
+    cls = PATTERNS.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ValueError(f"pattern must be one of {list(PATTERNS)}, got {name!r}")
+    return cls
+
+
+def make_pattern(pattern: str = "balanced", **options: int) -> Pattern:
+    """Builds a pattern from its name and the callback's shape options.
+
+    The pattern validates the options it owns; every other option given must still be an
+    integer >= 1 (the callback passes them all), so a bad value never passes silently.
+
+    Args:
+        pattern: a key of `PATTERNS`.
+        **options: any of `bank_size`, `n`, `m`, `block_size`, `vector_size`.
+
+    Returns:
+        The pattern object.
+
+    Raises:
+        ValueError: for an unknown pattern or option, or an invalid option value.
+    """
+    cls = _pattern_class(pattern)
+    unknown = sorted(set(options) - set(_OPTION_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"unknown pattern option(s) {unknown}; valid options: {list(_OPTION_DEFAULTS)}"
         )
-        return tile_mask(matrix, side[0], side[1], keep, prev_mask)
+    for key, value in options.items():
+        if key not in _option_names(cls):
+            check_int(value, key)
+    merged = {**_OPTION_DEFAULTS, **options}
+    return cls(**{f: merged[f] for f in _option_names(cls)})
+
+
+def pattern_from_dict(data: dict[str, Any]) -> Pattern:
+    """Inverse of `Pattern.to_dict`.
+
+    Raises:
+        ValueError: for an unknown pattern name or option.
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"a pattern must be a dict with a 'pattern' key, got {data!r}")
+    options = dict(data)
+    cls = _pattern_class(options.pop("pattern", None))
+    unknown = sorted(set(options) - set(_option_names(cls)))
+    if unknown:
+        raise ValueError(
+            f"pattern {cls.name!r} has no option(s) {unknown}; valid options: "
+            f"{_option_names(cls)}"
+        )
+    return cls(**options)
