@@ -184,7 +184,9 @@ def _inferred(model: nn.Module, strict: bool, bank_size: int | None):
             continue
         label = name or type(module).__name__
         try:
-            layouts = {w: _inferred_layout(module, w, bank_size, label) for w in _weight_names(module)}
+            layouts = {
+                w: _inferred_layout(module, w, bank_size, label) for w in _weight_names(module)
+            }
             sparse = _build(module, layouts, label)
         except ValueError as err:
             if strict:

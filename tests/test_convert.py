@@ -94,7 +94,9 @@ def test_planned_layout_wins_over_inference():
     # a multiple of the bank size is also a valid plan: it must be used as planned
     fc = plan["fc.weight"]
     entries = [e for e in plan if e.name != "fc.weight"]
-    plan = SparsityPlan([*entries, PlannedParam("fc", "weight", BalancedPattern(24), 0.5, 12, fc.shape)])
+    plan = SparsityPlan(
+        [*entries, PlannedParam("fc", "weight", BalancedPattern(24), 0.5, 12, fc.shape)]
+    )
     x = torch.randn(2, 3, 4, 4)
     expected = model(x)
     convert_to_sparse(model, plan=plan)
@@ -175,16 +177,20 @@ def test_weights_that_do_not_fit_the_plan_raise_naming_the_layer():
     ):
         convert_to_sparse(model, plan=plan)
     assert type(model.conv) is nn.Conv2d
-    wrong = SparsityPlan(
-        [PlannedParam("fc", "weight", BalancedPattern(12), 0.5, 6, (40, 64))]
-    )
+    wrong = SparsityPlan([PlannedParam("fc", "weight", BalancedPattern(12), 0.5, 6, (40, 64))])
     with pytest.raises(
-        ValueError, match=r"layer 'fc': the sparsity plan prunes weight of shape \(40, 64\), "
-        r"the model's has shape \(40, 48\)"
+        ValueError,
+        match=r"layer 'fc': the sparsity plan prunes weight of shape \(40, 64\), "
+        r"the model's has shape \(40, 48\)",
     ):
         convert_to_sparse(model, plan=wrong)
     with pytest.raises(ValueError, match=r"prunes modules \['nope'\] that Mixed does not have"):
-        convert_to_sparse(model, plan=SparsityPlan([PlannedParam("nope", "weight", BalancedPattern(12), 0.5, 6, (1, 1))]))
+        convert_to_sparse(
+            model,
+            plan=SparsityPlan(
+                [PlannedParam("nope", "weight", BalancedPattern(12), 0.5, 6, (1, 1))]
+            ),
+        )
 
 
 def test_non_strict_leaves_unbalanced_layer_dense():

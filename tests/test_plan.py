@@ -110,7 +110,11 @@ def test_plan_survives_resume(tmp_path):
     torch.manual_seed(0)
     model = TinyZoo()
     resumed = BalancedPruningCallback(
-        sparsity=0.875, bank_size=16, frequency=2, end_step=4, include=["head", "proj", "lstm"],
+        sparsity=0.875,
+        bank_size=16,
+        frequency=2,
+        end_step=4,
+        include=["head", "proj", "lstm"],
         verbose=False,
     )
     trainer = Trainer(
@@ -183,7 +187,9 @@ def test_duplicate_entry_raises():
 def test_unstructured_plan_converts_nothing_and_warns():
     model = torch.nn.Sequential(torch.nn.Linear(8, 4))
     plan = SparsityPlan([PlannedParam("0", "weight", UnstructuredPattern(), 0.5, 16, (4, 8))])
-    with pytest.warns(UserWarning, match=r"layers pruned to \['unstructured'\] stay dense.*\['0'\]"):
+    with pytest.warns(
+        UserWarning, match=r"layers pruned to \['unstructured'\] stay dense.*\['0'\]"
+    ):
         convert_to_sparse(model, plan=plan)
     assert type(model[0]) is torch.nn.Linear
 

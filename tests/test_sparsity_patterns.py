@@ -1,12 +1,12 @@
-"""Masks of the other patterns (nm, unstructured, block, vector) and the pattern objects built by make_pattern."""
+"""Masks of the other patterns (nm, unstructured, block, vector) and the pattern objects."""
 
 import pytest
 import torch
 
 from bs_lightning.sparsity import (
-    make_pattern,
     balanced_mask_k,
     block_mask,
+    make_pattern,
     nm_mask,
     unstructured_mask,
     vector_mask,

@@ -15,7 +15,6 @@ into the plain model and cuDNN's flattened RNN weights stay valid.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -197,7 +196,7 @@ class BalancedPruningCallback(Callback):
 
     def _target_for(self, entry: PrunableParam) -> float | None:
         for key, value in self.targets.items():
-            if fnmatch.fnmatchcase(entry.module_name, key) or fnmatch.fnmatchcase(entry.name, key):
+            if entry.matches(key):
                 return value
         return None
 
@@ -222,13 +221,7 @@ class BalancedPruningCallback(Callback):
         self._check_strategy(trainer)
         entries = find_prunable(pl_module, self.include, self.exclude)
         unmatched = [
-            key
-            for key in self.targets
-            if key != "*"
-            and not any(
-                fnmatch.fnmatchcase(e.module_name, key) or fnmatch.fnmatchcase(e.name, key)
-                for e in entries
-            )
+            key for key in self.targets if key != "*" and not any(e.matches(key) for e in entries)
         ]
         if unmatched:
             raise ValueError(

@@ -46,9 +46,7 @@ def prune_balanced_(
     return prune_once_(_as_params(layers), BalancedPattern(check_bank_size(bank_size)), sparsity)
 
 
-def _plan_of_pruned(
-    model: nn.Module, params: list[PrunableParam], bank_size: int
-) -> SparsityPlan:
+def _plan_of_pruned(model: nn.Module, params: list[PrunableParam], bank_size: int) -> SparsityPlan:
     """The plan of already pruned layers: the one recorded for them, else read from zeros."""
     recorded = SparsityPlan.recorded(model)
     pattern = BalancedPattern(bank_size)
@@ -60,7 +58,9 @@ def _plan_of_pruned(
         k = infer_keep_count(p.matrix().detach(), bank_size, p.module_name)
         if k < bank_size:  # never pruned: stays dense, as convert_to_sparse does
             shape = tuple(p.param.shape)
-            entries.append(PlannedParam(p.module_name, "weight", pattern, 1 - k / bank_size, k, shape))
+            entries.append(
+                PlannedParam(p.module_name, "weight", pattern, 1 - k / bank_size, k, shape)
+            )
     return SparsityPlan(entries)
 
 

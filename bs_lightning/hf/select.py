@@ -73,8 +73,10 @@ def select_params(
     """
     for glob in glob_list(include, "include") or []:
         for name, module in model.named_modules():
-            if fnmatchcase(name, glob) and _holds_matrix(module) and not isinstance(
-                module, LINEAR_LIKE
+            if (
+                fnmatchcase(name, glob)
+                and _holds_matrix(module)
+                and not isinstance(module, LINEAR_LIKE)
             ):
                 raise _unconvertible_error(name, module)
     params = find_prunable(model, include, exclude, default=_in_block_linear)

@@ -159,8 +159,8 @@ def infer_bank_layout(matrix: torch.Tensor, name: str | None = None) -> tuple[in
     balanced too, so the smallest is the pruner's. Why sparse: at a bank size smaller than
     the pruner's, a mildly sparse matrix can look dense with a few zeros by chance
     (`k == B`); such readings are skipped. A matrix with no sparse reading but a dense one is
-    dense. Whatever this picks packs the matrix exactly; the callback's record
-    (`_bs_lightning_banks`) avoids guessing.
+    dense. Whatever this picks packs the matrix exactly; a `SparsityPlan` (the callback's,
+    passed to `convert_to_sparse`) avoids guessing.
 
     Args:
         matrix: `[out, in]` matrix view with `in >= 2`.

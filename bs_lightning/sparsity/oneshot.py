@@ -45,9 +45,7 @@ def _label(p: PrunableParam) -> str:
 
 
 @torch.no_grad()
-def prune_once_(
-    params: Sequence[PrunableParam], pattern: Pattern, sparsity: float
-) -> SparsityPlan:
+def prune_once_(params: Sequence[PrunableParam], pattern: Pattern, sparsity: float) -> SparsityPlan:
     """Prunes every parameter in place to `sparsity`, all checked before any changes.
 
     Args:
@@ -63,10 +61,10 @@ def prune_once_(
     """
     sparsity = pattern.check_target(sparsity)  # layer-independent errors once, unnamed
     keeps = [pattern.keep(p.matrix(), sparsity, _label(p)) for p in params]
-    for p, keep in zip(params, keeps):
+    for p, keep in zip(params, keeps, strict=True):
         mask = matrix_to_param(p.module, p.param_name, pattern.mask(p.matrix(), keep))
         p.param.mul_(mask.to(p.param.dtype))
     return SparsityPlan(
         PlannedParam(p.module_name, p.param_name, pattern, sparsity, keep, tuple(p.param.shape))
-        for p, keep in zip(params, keeps)
+        for p, keep in zip(params, keeps, strict=True)
     )

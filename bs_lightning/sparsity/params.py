@@ -156,9 +156,9 @@ class PrunableParam:
         """`matrix_view` of the parameter (or of a same-shaped tensor), `[out, in]`."""
         return matrix_view(self.module, self.param_name, tensor)
 
-
-def _matches(glob: str, entry: PrunableParam) -> bool:
-    return fnmatch.fnmatchcase(entry.module_name, glob) or fnmatch.fnmatchcase(entry.name, glob)
+    def matches(self, glob: str) -> bool:
+        """The one glob rule: `glob` matches the module name or the full parameter name."""
+        return fnmatch.fnmatchcase(self.module_name, glob) or fnmatch.fnmatchcase(self.name, glob)
 
 
 def _names_hint(entries: list[PrunableParam], limit: int = 12) -> str:
@@ -238,7 +238,7 @@ def find_prunable(
     else:
         selected = []
         for glob in include:
-            hits = [e for e in by_type if _matches(glob, e)]
+            hits = [e for e in by_type if e.matches(glob)]
             hits += [
                 e
                 for e in other
@@ -253,12 +253,12 @@ def find_prunable(
             selected += [e for e in hits if e not in selected]
         selected.sort(key=lambda e: order[e.name])
     for glob in exclude or []:
-        if not any(_matches(glob, e) for e in selected):
+        if not any(e.matches(glob) for e in selected):
             raise ValueError(
                 f"exclude glob {glob!r} matches no module or selected parameter; selected "
                 f"parameters: {_names_hint(selected)}"
             )
-        selected = [e for e in selected if not _matches(glob, e)]
+        selected = [e for e in selected if not e.matches(glob)]
     if not selected:
         raise ValueError(
             f"no layer of {type(model).__name__} selected: include={include!r} and "

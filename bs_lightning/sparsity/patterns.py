@@ -355,7 +355,6 @@ def pattern_from_dict(data: dict[str, Any]) -> Pattern:
     unknown = sorted(set(options) - set(_option_names(cls)))
     if unknown:
         raise ValueError(
-            f"pattern {cls.name!r} has no option(s) {unknown}; valid options: "
-            f"{_option_names(cls)}"
+            f"pattern {cls.name!r} has no option(s) {unknown}; valid options: {_option_names(cls)}"
         )
     return cls(**options)

@@ -152,7 +152,9 @@ class SparsityPlan:
         for e in self:
             if e.module == prefix or e.module.startswith(head):
                 module = e.module[len(head) :] if e.module != prefix else ""
-                entries.append(PlannedParam(module, e.param, e.pattern, e.sparsity, e.keep, e.shape))
+                entries.append(
+                    PlannedParam(module, e.param, e.pattern, e.sparsity, e.keep, e.shape)
+                )
         return SparsityPlan(entries)
 
     # ---------------------------------------------------------------- serialisation
