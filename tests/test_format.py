@@ -191,7 +191,7 @@ def test_unpack_shape_errors():
         unpack_balanced(values, indices.long(), 8, 32)
     with pytest.raises(ValueError, match="not a positive multiple of the 3 banks"):
         unpack_balanced(values, indices, 8, 20)
-    with pytest.raises(ValueError, match=r"in_features of layer 'fc' must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"in_features for layer 'fc' must be an integer >= 1"):
         unpack_balanced(values, indices, 8, 0, name="fc")
     with pytest.raises(ValueError, match="must be < bank_size=4"):
         unpack_balanced(values, indices, 4, 16)

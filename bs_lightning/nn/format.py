@@ -299,8 +299,7 @@ def unpack_balanced(
         )
     if indices.dtype != torch.uint8:
         raise ValueError(f"indices{_where(name)} must be torch.uint8, got {indices.dtype}")
-    if isinstance(in_features, bool) or not isinstance(in_features, int) or in_features < 1:
-        raise ValueError(f"in_features{_where(name)} must be an integer >= 1, got {in_features!r}")
+    validation.check_int(in_features, "in_features", 1, name=name)
     check_bank_size(bank_size, in_features, name)
     rows, width = values.shape
     n_banks = -(-in_features // bank_size)

@@ -12,6 +12,8 @@ the first step `t >= t1` so the target is always reached exactly.
 
 from __future__ import annotations
 
+from bs_lightning.validation import check_int
+
 __all__ = ["SCHEDULES", "check_schedule", "is_pruning_step", "sparsity_at"]
 
 
@@ -45,9 +47,8 @@ def check_schedule(schedule: str, start_step: int, end_step: int | None, frequen
     """
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
-    for arg, value, low in (("start_step", start_step, 0), ("frequency", frequency, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{arg} must be an integer >= {low}, got {value!r}")
+    check_int(start_step, "start_step", 0)
+    check_int(frequency, "frequency", 1)
     if end_step is not None and (
         isinstance(end_step, bool) or not isinstance(end_step, int) or end_step <= start_step
     ):
