@@ -1,6 +1,11 @@
 """Reports: one run's `report.md`/`metrics.json`/`accuracy_vs_speedup.png`, and `bs-report DIR`,
 which aggregates every run under DIR (e.g. a Hydra multirun over patterns x sparsities) into one
-paper-style table (metric per pattern per sparsity, measured speedup) and one plot."""
+paper-style table (metric per pattern per sparsity, measured speedup) and one plot.
+
+Figures are drawn on `matplotlib.figure.Figure` objects and saved straight to files: no
+pyplot, no global backend (importing or using this module leaves `matplotlib.get_backend()`
+and any open pyplot figures alone).
+"""
 
 import argparse
 import json
@@ -9,10 +14,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from bs_lightning.sparsity.patterns import Pattern, make_pattern, pattern_from_dict
+from bs_lightning.validation import is_dense_target
 
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "accuracy_vs_speedup.png"
@@ -22,11 +27,12 @@ def _fmt(value, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _pattern_label(run: dict) -> str:
-    if run["pattern"] == "block":
-        b = run.get("block_size")
-        return f"block {b}x{b}" if b else "block"
-    return run["pattern"]
+def _pattern(run: dict) -> Pattern:
+    """The run's pattern object (`pattern_options` in newer metrics, else name and sizes)."""
+    if run.get("pattern_options"):
+        return pattern_from_dict(run["pattern_options"])
+    sizes = {k: run[k] for k in ("bank_size", "block_size") if run.get(k) is not None}
+    return make_pattern(run["pattern"], **sizes)
 
 
 def write_run_report(run_dir: str | Path, metrics: dict) -> None:
@@ -45,8 +51,7 @@ def write_run_report(run_dir: str | Path, metrics: dict) -> None:
     lines = [
         f"# {metrics['run_name']}: {metrics['model']} on {metrics['data']}",
         "",
-        f"Pattern {_pattern_label(metrics)}, target sparsity {metrics['sparsity']}"
-        + (f" (banks of {metrics['bank_size']})" if metrics["pattern"] == "balanced" else "")
+        f"Pattern {_pattern(metrics).describe()}, target sparsity {metrics['sparsity']}"
         + f", effective sparsity of the pruned weights {metrics['effective_sparsity']:.4f}.",
         "",
         f"| model | {name} | latency (ms) | speedup |",
@@ -65,7 +70,8 @@ def write_run_report(run_dir: str | Path, metrics: dict) -> None:
     ]
     (run_dir / "report.md").write_text("\n".join(lines))
 
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = Figure(figsize=(5, 4))  # not pyplot's: savefig picks the PNG canvas itself
+    ax = fig.subplots()
     if metrics["dense"] is not None:
         ax.axhline(metrics["dense"], color="grey", linestyle="--", label="dense baseline")
     ax.scatter([1.0], [metrics["pruned"]], label="pruned, dense kernels")
@@ -73,11 +79,10 @@ def write_run_report(run_dir: str | Path, metrics: dict) -> None:
         ax.scatter([lat["speedup"]], [metrics["converted"]], marker="*", s=150, label="converted")
     ax.set_xlabel(f"speedup over dense ({lat['device']})")
     ax.set_ylabel(name)
-    ax.set_title(f"{metrics['run_name']}: {_pattern_label(metrics)} {metrics['sparsity']}")
+    ax.set_title(f"{metrics['run_name']}: {_pattern(metrics).label} {metrics['sparsity']}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(run_dir / PLOT_FILE, dpi=120)
-    plt.close(fig)
 
 
 def load_runs(root: str | Path) -> list[dict]:
@@ -103,11 +108,12 @@ def load_runs(root: str | Path) -> list[dict]:
 
 
 def _is_dense(run: dict) -> bool:
-    return not isinstance(run["sparsity"], dict) and float(run["sparsity"]) == 0.0
+    """Whether a run trained dense (`bs_lightning.validation.is_dense_target` of its sparsity)."""
+    return is_dense_target(run["sparsity"])
 
 
 def summarize(runs: list[dict]) -> dict:
-    """Aggregate runs into a table: metric per pattern per sparsity, and balanced speedups.
+    """Aggregate runs into a table: metric per pattern per sparsity, and the speedups of the patterns that convert.
 
     The dense row comes from dense runs (sparsity 0), else from the pruned runs' dense
     baselines. Several runs in one cell are averaged (their count is kept).
@@ -119,16 +125,21 @@ def summarize(runs: list[dict]) -> dict:
     if len(names) != 1:
         raise ValueError(f"bs-report: the runs report different metrics {sorted(names)}")
     cells: dict[tuple[str, float], list[dict]] = defaultdict(list)
+    converting: set[str] = set()  # labels of patterns that convert to sparse modules
     for run in runs:
         if isinstance(run["sparsity"], dict):
             continue  # per-layer targets have no place in a one-number-per-row table
         if not _is_dense(run):
-            cells[(_pattern_label(run), float(run["sparsity"]))].append(run)
+            pattern = _pattern(run)
+            cells[(pattern.label, float(run["sparsity"]))].append(run)
+            if pattern.converts:
+                converting.add(pattern.label)
     dense_runs = [r for r in runs if _is_dense(r)]
     dense_values = [r["pruned"] for r in dense_runs] or [
         r["dense"] for r in runs if r["dense"] is not None
     ]
-    patterns = sorted({p for p, _ in cells}, key=lambda p: (p != "balanced", p))
+    # the patterns that convert first (their speedup is measured), then the others
+    patterns = sorted({p for p, _ in cells}, key=lambda p: (p not in converting, p))
     sparsities = sorted({s for _, s in cells})
     table = {}
     for (pattern, s), group in cells.items():
@@ -149,6 +160,7 @@ def summarize(runs: list[dict]) -> dict:
         "higher_is_better": runs[0]["higher_is_better"],
         "dense": statistics.mean(dense_values) if dense_values else None,
         "patterns": patterns,
+        "converting": [p for p in patterns if p in converting],
         "sparsities": sparsities,
         "cells": table,
         "runs": [
@@ -179,24 +191,27 @@ def render_markdown(summary: dict, title: str) -> str:
         f"# {title}",
         "",
         f"Test {name} ({better} is better) per pattern and sparsity; "
-        "speedup = measured latency of the dense model / the converted balanced model.",
+        "speedup = measured latency of the dense model / the converted sparse model.",
         "",
     ]
-    header = ["sparsity", "dense"] + patterns + ["balanced speedup"]
+    converting = summary.get("converting", [])
+    header = ["sparsity", "dense"] + patterns + [f"{p} speedup" for p in converting]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.append("| 0 | " + " | ".join([_fmt(summary["dense"])] + [""] * len(patterns)) + " | |")
+    dense_row = " | ".join([_fmt(summary["dense"])] + [""] * len(patterns))
+    lines.append("| 0 | " + dense_row + " |" + " |" * len(converting))
     for s in summary["sparsities"]:
         row = [f"{s:g}", ""]
         for p in patterns:
             cell = summary["cells"].get(f"{p}@{s}")
             row.append(_fmt(cell["metric"]) if cell else "")
-        bal = summary["cells"].get(f"balanced@{s}")
-        row.append(f"{bal['speedup']:.2f}x" if bal and bal["speedup"] else "-")
+        for p in converting:
+            cell = summary["cells"].get(f"{p}@{s}")
+            row.append(f"{cell['speedup']:.2f}x" if cell and cell["speedup"] else "-")
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        "Only the balanced pattern converts to sparse modules; the other patterns keep "
-        "dense kernels (speedup 1).",
+        "Only the balanced and N:M patterns convert to sparse modules; the other patterns "
+        "keep dense kernels (speedup 1).",
         "",
         "## Runs",
         "",
@@ -215,9 +230,10 @@ def render_markdown(summary: dict, title: str) -> str:
 
 
 def plot_summary(summary: dict, path: str | Path, title: str) -> None:
-    """Two panels: metric vs sparsity per pattern; metric vs measured speedup (balanced)."""
+    """Two panels: metric vs sparsity per pattern; metric vs measured speedup (patterns that convert)."""
     name = summary["metric_name"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))  # not pyplot's: savefig picks the PNG canvas itself
+    left, right = fig.subplots(1, 2)
     for pattern in summary["patterns"]:
         cells = sorted(
             (c for c in summary["cells"].values() if c["pattern"] == pattern),
@@ -245,7 +261,6 @@ def plot_summary(summary: dict, path: str | Path, title: str) -> None:
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def write_summary(

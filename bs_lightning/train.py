@@ -12,6 +12,13 @@ Contract with the config groups (what a new model or data option must provide):
 - `model`: a LightningModule taking those sizes as keyword arguments, calling
   `save_hyperparameters()`, with class attributes `test_metric` (a key its test logs) and
   `higher_is_better`.
+- `pruning`: a callback config with `_target_` (`bs_lightning.BalancedPruningCallback`), built
+  with `hydra.utils.instantiate` unless its `sparsity` is dense
+  (`bs_lightning.validation.is_dense_target`).
+
+Importing this module has no side effects: `main()` registers the recipes in Hydra's
+ConfigStore before Hydra composes (code that composes itself calls
+`bs_lightning.config_paths.compose_config` or `register_recipes` first).
 """
 
 import time
@@ -21,33 +28,47 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from bs_lightning.config_paths import config_dirs, register_recipes
 from bs_lightning.evaluate import clone_model, evaluate_run
 from bs_lightning.report import write_run_report
-
-CONF_DIR, RECIPES_DIR = config_dirs()
-register_recipes(RECIPES_DIR)
+from bs_lightning.validation import is_dense_target
 
 
-def _is_dense(sparsity) -> bool:
-    return not isinstance(sparsity, dict) and float(sparsity) == 0.0
+def build_pruning_callback(pruning: DictConfig | dict) -> Callback | None:
+    """The pruning callback of the `pruning` config, or None for a dense run.
 
+    The config names the callback class in `_target_` (`bs_lightning.BalancedPruningCallback`)
+    and holds its keyword arguments; the callback validates them (and raises, naming the
+    parameter and the valid values). A run is dense when `pruning.sparsity` prunes nothing
+    (`bs_lightning.validation.is_dense_target`: 0, or a mapping of zeros); then nothing is
+    built.
 
-def build_pruning_callback(pruning: dict):
-    """The pruning callback for the `pruning` config, or None for a dense run (sparsity 0).
+    Args:
+        pruning: the composed `pruning` node (or the same as a plain dict).
 
-    Every key of the config is a keyword argument of `BalancedPruningCallback`, which
-    validates them (and raises, naming the parameter and the valid values).
+    Returns:
+        The instantiated callback, or None for a dense run.
+
+    Raises:
+        ValueError: the callback's own, for a bad value (naming the parameter and the valid
+            values), unwrapped from Hydra's InstantiationException.
+        hydra.errors.InstantiationException: for any other failure to build it (e.g. a
+            `_target_` that does not import).
     """
-    if _is_dense(pruning["sparsity"]):
+    if is_dense_target(pruning.get("sparsity")):
         return None
-    from bs_lightning.callbacks import BalancedPruningCallback
-
-    return BalancedPruningCallback(**pruning)
+    try:
+        # plain lists and dicts (not ListConfig/DictConfig) for globs and per-layer targets
+        return instantiate(pruning, _convert_="all")
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ValueError):
+            raise ValueError(f"pruning: {err.__cause__}") from err.__cause__
+        raise
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
@@ -80,8 +101,9 @@ def train(cfg: DictConfig) -> dict:
     """Run one experiment described by a composed config (see conf/config.yaml).
 
     Fits the model (from `init_from` weights or fresh; resuming `ckpt_path` when given) with
-    the pruning callback unless `pruning.sparsity` is 0, then evaluates on the test split
-    (`bs_lightning.evaluate.evaluate_run`) and writes the run's report into `output_dir`.
+    the pruning callback unless the run is dense (`build_pruning_callback`), then evaluates
+    on the test split (`bs_lightning.evaluate.evaluate_run`, given the callback's sparsity
+    plan) and writes the run's report into `output_dir`.
 
     Args:
         cfg: the composed config.
@@ -99,8 +121,9 @@ def train(cfg: DictConfig) -> dict:
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True)
+    pruning_callback = build_pruning_callback(cfg.pruning)
+    # the pruning values as plain Python, for the evaluation and metrics.json
     pruning = OmegaConf.to_container(cfg.pruning, resolve=True)
-    pruning_callback = build_pruning_callback(pruning)
 
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("fit")  # the model's sizes come from the data
@@ -134,8 +157,8 @@ def train(cfg: DictConfig) -> dict:
         tester,
         model,
         datamodule,
-        pattern=pruning["pattern"],
-        sparsity=pruning["sparsity"],
+        plan=pruning_callback.plan if pruning_callback is not None else None,
+        sparsity=pruning.get("sparsity"),
         include=pruning.get("include"),
         exclude=pruning.get("exclude"),
         dense_model=dense_model,
@@ -145,8 +168,9 @@ def train(cfg: DictConfig) -> dict:
         "run_name": cfg.run_name,
         "model": cfg.model._target_.rsplit(".", 1)[-1],
         "data": cfg.data._target_.rsplit(".", 1)[-1],
-        "pattern": pruning["pattern"],
-        "sparsity": pruning["sparsity"],
+        "pattern": pruning.get("pattern"),
+        "pattern_options": pruning_callback.pattern.to_dict() if pruning_callback else None,
+        "sparsity": pruning.get("sparsity"),
         "bank_size": pruning.get("bank_size"),
         "block_size": pruning.get("block_size"),
         "init_from": cfg.init_from,
@@ -161,12 +185,22 @@ def train(cfg: DictConfig) -> dict:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
-    """Entry point of `bs-train`; returns the pruned model's test metric (for sweepers)."""
+def _run(cfg: DictConfig) -> float:
+    """Hydra's task function: one run of `train`; returns the pruned model's test metric."""
     metrics = train(cfg)
     print(f"{metrics['metric_name']}: pruned {metrics['pruned']:.4f}, results in {cfg.output_dir}")
     return metrics["pruned"]
+
+
+def main() -> None:
+    """Entry point of `bs-train`: registers the recipes, then runs Hydra on `conf/config.yaml`.
+
+    Hydra parses the command line (`recipe=NAME`, overrides, `-m` for a multirun) and calls
+    `train` once per run; a sweeper gets each run's pruned test metric.
+    """
+    conf_dir, recipes_dir = config_dirs()
+    register_recipes(recipes_dir)  # the `recipe` group must exist before Hydra composes
+    hydra.main(version_base="1.3", config_path=str(conf_dir), config_name="config")(_run)()
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ data written by `fake_datasets` where a recipe needs a real data set)."""
 
 from pathlib import Path
 
-from fake_datasets import write_fashion_mnist, write_ptb
+from helpers.fake_datasets import write_fashion_mnist, write_ptb
 
 # every run: a few steps, pruning reaches its target at step 2, minimal evaluation
 COMMON = [

@@ -199,7 +199,7 @@ def test_every_registered_pattern_round_trips(name):
     pattern = make_pattern(name, bank_size=8, n=1, m=4, block_size=2, vector_size=3)
     assert type(pattern) is PATTERNS[name] and pattern.name == name
     assert pattern_from_dict(json.loads(json.dumps(pattern.to_dict()))) == pattern
-    assert pattern.describe().startswith(name)
+    assert pattern.describe().startswith(name) and pattern.label.startswith(name)
     w = torch.randn(8, 16)
     keep = pattern.keep(w, 0.75 if name != "nm" else 0.75)
     mask = pattern.mask(w, keep)

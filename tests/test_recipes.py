@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.errors import (
     ConfigCompositionException,
     InstantiationException,
@@ -15,10 +14,10 @@ from hydra.errors import (
 from omegaconf import OmegaConf
 from recipe_overrides import PER_RECIPE, TESTED_ELSEWHERE, tiny
 
-from bs_lightning.config_paths import config_dirs, register_recipes
+from bs_lightning.config_paths import compose_config, config_dirs, register_recipes
 from bs_lightning.train import train
 
-CONF_DIR, RECIPES_DIR = config_dirs()
+_, RECIPES_DIR = config_dirs()
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
@@ -30,8 +29,8 @@ def _no_kernel_build(monkeypatch):
 
 
 def _compose(overrides: list[str]):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    # registers the recipes first: importing bs_lightning.train does not
+    return compose_config(overrides)
 
 
 def test_every_recipe_is_registered_and_has_tiny_overrides():

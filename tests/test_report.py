@@ -46,6 +46,17 @@ def _run(pattern: str, sparsity: float, metric: float, speedup=None, dense=None)
     }
 
 
+def test_every_converting_pattern_gets_a_speedup_column():
+    nm = _run("nm", 0.5, 105.0, speedup=1.4, dense=99.0)
+    nm["pattern_options"] = {"pattern": "nm", "n": 2, "m": 4}  # as bs-train writes it
+    summary = summarize([_run("balanced", 0.5, 104.0, speedup=1.5, dense=99.0), nm])
+    assert summary["patterns"] == ["balanced", "nm 2:4"]
+    assert summary["converting"] == ["balanced", "nm 2:4"]
+    md = render_markdown(summary, "T")
+    assert "| sparsity | dense | balanced | nm 2:4 | balanced speedup | nm 2:4 speedup |" in md
+    assert "| 0.5 |  | 104.00 | 105.00 | 1.50x | 1.40x |" in md
+
+
 def test_summarize_builds_the_paper_table():
     runs = [
         _run("balanced", 0.0, 100.0),

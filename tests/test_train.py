@@ -2,14 +2,11 @@
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from recipe_overrides import tiny
 
-from bs_lightning.config_paths import config_dirs
+from bs_lightning.config_paths import compose_config
 from bs_lightning.models import MLPClassifier
 from bs_lightning.train import load_weights, train
-
-CONF_DIR, _ = config_dirs()
 
 
 @pytest.fixture(autouse=True)
@@ -20,8 +17,8 @@ def _no_kernel_build(monkeypatch):
 
 
 def _compose(overrides):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+    # registers the recipes first: importing bs_lightning.train does not
+    return compose_config(overrides)
 
 
 def test_prune_from_a_dense_checkpoint(tmp_path):

@@ -112,6 +112,12 @@ class Pattern(ABC):
         """Column header of the keep-count in summaries (`"k of 32"`)."""
         return "units kept"
 
+    @property
+    def label(self) -> str:
+        """Short name for table columns: the name plus the shape a reader must know to tell
+        two runs apart (`"block 4x4"`, `"nm 2:4"`); `"balanced"` and `"unstructured"`."""
+        return self.name
+
     def describe(self) -> str:
         """One line for logs and reports, e.g. `"balanced (banks of 32)"`."""
         options = ", ".join(f"{k}={v}" for k, v in self.options().items())
@@ -210,6 +216,10 @@ class NMPattern(Pattern):
     def unit_label(self) -> str:
         return f"n of {self.m}"
 
+    @property
+    def label(self) -> str:
+        return f"nm {self.n}:{self.m}"
+
     def describe(self) -> str:
         return f"nm ({self.n}:{self.m})"
 
@@ -266,6 +276,10 @@ class BlockPattern(_TilePattern):
     def side(self) -> tuple[int, int]:
         return self.block_size, self.block_size
 
+    @property
+    def label(self) -> str:
+        return f"block {self.block_size}x{self.block_size}"
+
     def describe(self) -> str:
         return f"block ({self.block_size}x{self.block_size})"
 
@@ -287,6 +301,10 @@ class VectorPattern(_TilePattern):
     @property
     def side(self) -> tuple[int, int]:
         return 1, self.vector_size
+
+    @property
+    def label(self) -> str:
+        return f"vector {self.vector_size}"
 
     def describe(self) -> str:
         return f"vector (runs of {self.vector_size})"
