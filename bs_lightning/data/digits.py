@@ -1,14 +1,14 @@
 """scikit-learn's bundled 8x8 digits as a LightningDataModule (offline, no download)."""
 
-import lightning.pytorch as pl
 import torch
 from sklearn.datasets import load_digits
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from bs_lightning.data.split_datamodule import TensorSplitDataModule, check_sizes
 from bs_lightning.data.splits import split_indices
 
 
-class DigitsDataModule(pl.LightningDataModule):
+class DigitsDataModule(TensorSplitDataModule):
     """1797 grey 8x8 images of the digits 0-9, split train/val/test at random.
 
     Batches are `(x [batch, 1, 8, 8] float32 in [0, 1], y [batch] int64)`.
@@ -43,13 +43,11 @@ class DigitsDataModule(pl.LightningDataModule):
                 "DigitsDataModule: val_fraction + test_fraction must be < 1 to leave training "
                 f"data, got {val_fraction} + {test_fraction}"
             )
-        if batch_size < 1:
-            raise ValueError(f"DigitsDataModule: batch_size must be >= 1, got {batch_size}")
+        check_sizes("DigitsDataModule", batch_size=batch_size)
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -63,15 +61,3 @@ class DigitsDataModule(pl.LightningDataModule):
             name: TensorDataset(x[idx], y[idx])
             for name, idx in (("train", train), ("val", val), ("test", test))
         }
-
-    def model_kwargs(self) -> dict:
-        return {"num_classes": self.num_classes, "input_shape": self.input_shape}
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["train"], batch_size=self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["val"], batch_size=self.batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.splits["test"], batch_size=self.batch_size)

@@ -3,12 +3,12 @@
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from bs_lightning.data.idx import read_idx
+from bs_lightning.data.split_datamodule import TensorSplitDataModule, check_sizes
 from bs_lightning.data.splits import split_indices
 
 HUB_NAME = "zalando-datasets/fashion_mnist"
@@ -28,7 +28,7 @@ def _find(root: Path, stem: str) -> Path | None:
     return None
 
 
-class FashionMNISTDataModule(pl.LightningDataModule):
+class FashionMNISTDataModule(TensorSplitDataModule):
     """70k grey 28x28 images of clothes in 10 classes (60k train, 10k test).
 
     Looks for `train-images-idx3-ubyte[.gz]`, `train-labels-idx1-ubyte[.gz]`,
@@ -66,8 +66,7 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"FashionMNISTDataModule: batch_size must be >= 1, got {batch_size}")
+        check_sizes("FashionMNISTDataModule", batch_size=batch_size)
         if val_size < 0:
             raise ValueError(f"FashionMNISTDataModule: val_size must be >= 0, got {val_size}")
         for name, value in (("train_subset", train_subset), ("test_subset", test_subset)):
@@ -82,7 +81,6 @@ class FashionMNISTDataModule(pl.LightningDataModule):
         self.test_subset = test_subset
         self.num_workers = num_workers
         self.seed = seed
-        self.splits: dict[str, TensorDataset] = {}
 
     def _load_local(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
         if self.root is None:
@@ -145,23 +143,3 @@ class FashionMNISTDataModule(pl.LightningDataModule):
             "val": TensorDataset(x[val], y[val]),
             "test": TensorDataset(x_test, y_test),
         }
-
-    def model_kwargs(self) -> dict:
-        return {"num_classes": self.num_classes, "input_shape": self.input_shape}
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.splits[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -4,9 +4,10 @@ language modelling with truncated back-propagation through time."""
 from collections import Counter
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from bs_lightning.data.split_datamodule import SplitDataModule, check_sizes
 
 HUB_NAME = "ptb_text_only"
 EOS = "<eos>"
@@ -55,7 +56,7 @@ class BPTTWindows(Dataset):
         return self.rows[:, start:end], self.rows[:, start + 1 : end + 1]
 
 
-class PTBDataModule(pl.LightningDataModule):
+class PTBDataModule(SplitDataModule):
     """PTB for language modelling: the vocabulary of the training split plus `<eos>` at the end
     of every line (10,000 words in the standard release), tokens outside it map to `<unk>`.
 
@@ -87,11 +88,14 @@ class PTBDataModule(pl.LightningDataModule):
         max_eval_tokens: int | None = None,
     ) -> None:
         super().__init__()
-        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size, "bptt": bptt}
-        sizes.update(max_train_tokens=max_train_tokens, max_eval_tokens=max_eval_tokens)
-        for name, value in sizes.items():
-            if value is not None and value < 1:
-                raise ValueError(f"PTBDataModule: {name} must be >= 1, got {value}")
+        check_sizes(
+            "PTBDataModule",
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            bptt=bptt,
+            max_train_tokens=max_train_tokens,
+            max_eval_tokens=max_eval_tokens,
+        )
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -156,16 +160,9 @@ class PTBDataModule(pl.LightningDataModule):
     def model_kwargs(self) -> dict:
         return {"vocab_size": self.vocab_size}
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
-        # batch_size=None: each item already is a batch; order matters (carried state)
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        batch_size = self.batch_size if train else self.eval_batch_size
         windows = BPTTWindows(self.streams[split], batch_size, self.bptt)
+        # batch_size=None: each item already is a batch; no shuffling, even for training:
+        # the models carry their state from one window to the next
         return DataLoader(windows, batch_size=None, shuffle=False)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size)

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from bs_lightning.data.split_datamodule import SplitDataModule, check_sizes
 from bs_lightning.data.splits import split_indices
 from bs_lightning.hf.paths import resolve_model_path
 
@@ -82,7 +82,7 @@ class LengthBatches(Sampler[list[int]]):
             yield batches[i].tolist()
 
 
-class SST2DataModule(pl.LightningDataModule):
+class SST2DataModule(SplitDataModule):
     """SST-2 sentences tokenised for a Hugging Face model, padded per batch.
 
     Local folder (`root`): `train.tsv`, `dev.tsv` (validation) and `test.tsv` (the 872
@@ -126,11 +126,13 @@ class SST2DataModule(pl.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        sizes = {"batch_size": batch_size, "eval_batch_size": eval_batch_size}
-        sizes.update(max_train_samples=max_train_samples, max_val_samples=max_val_samples)
-        for name, value in sizes.items():
-            if value is not None and value < 1:
-                raise ValueError(f"SST2DataModule: {name} must be >= 1, got {value}")
+        check_sizes(
+            "SST2DataModule",
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            max_train_samples=max_train_samples,
+            max_val_samples=max_val_samples,
+        )
         if max_length < 3:  # [CLS] word [SEP]
             raise ValueError(f"SST2DataModule: max_length must be >= 3, got {max_length}")
         self.root = root
@@ -217,18 +219,10 @@ class SST2DataModule(pl.LightningDataModule):
         y = torch.tensor([label for _, label in items], dtype=torch.int64)  # [batch]
         return x, y
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, train: bool) -> DataLoader:
         ids, labels = self.splits[split]
-        batches = LengthBatches([len(i) for i in ids], batch_size, shuffle)
+        batch_size = self.batch_size if train else self.eval_batch_size
+        batches = LengthBatches([len(i) for i in ids], batch_size, shuffle=train)
         return DataLoader(
             list(zip(ids, labels, strict=True)), batch_sampler=batches, collate_fn=self._collate
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, shuffle=False)

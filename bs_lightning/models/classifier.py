@@ -1,18 +1,25 @@
-"""Common LightningModule logic of the image classifiers: cross-entropy, accuracy."""
+"""Common LightningModule logic of the classifiers: cross-entropy, accuracy."""
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from bs_lightning.models.optim import build_optimizer, check_optim_args
+from bs_lightning.models.recipe_module import RecipeModule
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(RecipeModule):
     """Base of the classifiers. Subclasses build `self.net` (`[batch, *input_shape]` ->
     logits `[batch, num_classes]`) after calling `super().__init__`.
 
     Logs `{train,val,test}/loss` and `{train,val,test}/acc` (top-1 accuracy).
+
+    Args:
+        num_classes: output classes, >= 2.
+        optimizer, lr, weight_decay, momentum, lr_decay, lr_decay_start: see
+            `bs_lightning.models.optim.build_optimizer` (read back from `self.hparams`).
+
+    Raises:
+        ValueError: naming the model class, for `num_classes < 2` or a bad optimizer setting.
     """
 
     test_metric = "test/acc"
@@ -28,11 +35,9 @@ class ClassifierModule(pl.LightningModule):
         lr_decay: float,
         lr_decay_start: int,
     ) -> None:
-        super().__init__()
-        owner = type(self).__name__
-        if num_classes < 2:
-            raise ValueError(f"{owner}: num_classes must be >= 2, got {num_classes}")
-        check_optim_args(owner, optimizer, lr, weight_decay, lr_decay, lr_decay_start)
+        super().__init__(
+            "num_classes", num_classes, optimizer, lr, weight_decay, lr_decay, lr_decay_start
+        )
         # one metric object per stage (keys "train"... would clash with Module.train)
         self.train_acc, self.val_acc, self.test_acc = (
             MulticlassAccuracy(num_classes, average="micro") for _ in range(3)
@@ -43,24 +48,10 @@ class ClassifierModule(pl.LightningModule):
         return self.net(x)
 
     def _step(self, batch, stage: str) -> torch.Tensor:
-        x, y = batch
-        logits = self(x)
+        x, y = batch  # [batch, *input_shape], [batch]
+        logits = self(x)  # [batch, num_classes]
         loss = F.cross_entropy(logits, y)
         acc = getattr(self, f"{stage}_acc")
         acc(logits, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        self._log_stage(stage, loss, "acc", acc, prog_bar=True)
         return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.hparams)

@@ -1,12 +1,11 @@
 """Common LightningModule logic of the word-level language models: cross-entropy over the
 vocabulary, perplexity, a recurrent state carried from one BPTT window to the next."""
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
-from bs_lightning.models.optim import build_optimizer, check_optim_args
+from bs_lightning.models.recipe_module import RecipeModule
 
 
 def _detach(state):
@@ -21,7 +20,7 @@ def _batch_size(state) -> int:
     return state.size(1) if isinstance(state, torch.Tensor) else _batch_size(state[0])
 
 
-class LanguageModelModule(pl.LightningModule):
+class LanguageModelModule(RecipeModule):
     """Base of the language models. Subclasses implement `forward(x, state) -> (logits, state)`
     with `x [batch, t]` token ids, logits `[batch, t, vocab]`; `state` is whatever the model
     carries between windows (None for none).
@@ -30,6 +29,14 @@ class LanguageModelModule(pl.LightningModule):
     (detached: truncated back-propagation) starts window `i + 1`; it is reset at the start of
     every epoch of every stage. Logs `{train,val,test}/loss` (mean token NLL) and
     `{train,val,test}/ppl` (perplexity over all tokens of the epoch).
+
+    Args:
+        vocab_size: words in the vocabulary, >= 2.
+        optimizer, lr, weight_decay, momentum, lr_decay, lr_decay_start: see
+            `bs_lightning.models.optim.build_optimizer` (read back from `self.hparams`).
+
+    Raises:
+        ValueError: naming the model class, for `vocab_size < 2` or a bad optimizer setting.
     """
 
     test_metric = "test/ppl"
@@ -45,11 +52,9 @@ class LanguageModelModule(pl.LightningModule):
         lr_decay: float,
         lr_decay_start: int,
     ) -> None:
-        super().__init__()
-        owner = type(self).__name__
-        if vocab_size < 2:
-            raise ValueError(f"{owner}: vocab_size must be >= 2, got {vocab_size}")
-        check_optim_args(owner, optimizer, lr, weight_decay, lr_decay, lr_decay_start)
+        super().__init__(
+            "vocab_size", vocab_size, optimizer, lr, weight_decay, lr_decay, lr_decay_start
+        )
         # one metric object per stage (keys "train"... would clash with Module.train)
         self.train_ppl, self.val_ppl, self.test_ppl = Perplexity(), Perplexity(), Perplexity()
         self._states: dict[str, object] = {}
@@ -76,20 +81,6 @@ class LanguageModelModule(pl.LightningModule):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
         ppl = getattr(self, f"{stage}_ppl")
         ppl(logits.detach().float(), y)
-        on_step = stage == "train"
         # weight each window by its token count so the epoch mean is per token
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, batch_size=y.numel())
-        self.log(f"{stage}/ppl", ppl, on_step=False, on_epoch=True, prog_bar=True)
+        self._log_stage(stage, loss, "ppl", ppl, batch_size=y.numel())
         return loss
-
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "val")
-
-    def test_step(self, batch, batch_idx: int) -> None:
-        self._step(batch, "test")
-
-    def configure_optimizers(self) -> dict:
-        return build_optimizer(self, self.hparams)
