@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import functools
 import json
 import os
-import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -35,6 +32,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bs_lightning import BalancedPruningCallback
+from bs_lightning.bench.device import device_label, machine_description
+from bs_lightning.bench.results import write_result
+from bs_lightning.bench.timing import CLOCKS, accumulate_time
 
 
 class LSTMLM(LightningModule):
@@ -59,32 +59,16 @@ class LSTMLM(LightningModule):
 class StepTimer(Callback):
     """Wall time of every training step, from the first batch-start hook to the batch end."""
 
-    def __init__(self):
+    def __init__(self, clock=CLOCKS["wall"]):
         self.times: list[float] = []
+        self._clock = clock
         self._start = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
+        self._start = self._clock()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def _timed(fn, box: list[float], depth: list[int]):
-    """Adds `fn`'s wall time to `box[0]`; nested timed calls are counted once."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        depth[0] += 1
-        start = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            depth[0] -= 1
-            if depth[0] == 0:
-                box[0] += time.perf_counter() - start
-
-    return wrapper
+        self.times.append(self._clock() - self._start)
 
 
 def run_block(args, init_state, with_callback: bool) -> dict:
@@ -112,7 +96,7 @@ def run_block(args, init_state, with_callback: bool) -> dict:
             ("on_before_optimizer_step", step_box),
             ("_apply_masks", step_box),
         ):
-            setattr(pruner, name, _timed(getattr(pruner, name), box, depth))
+            setattr(pruner, name, accumulate_time(getattr(pruner, name), box, depth))
         callbacks.append(pruner)
     trainer = Trainer(
         max_steps=args.steps,
@@ -177,8 +161,8 @@ def main() -> None:
         "target_pct": 3.0,
     }
     machine = {
-        "description": f"{os.cpu_count()}-core CPU, no GPU",
-        "processor": platform.processor() or platform.machine(),
+        "description": machine_description("cpu"),
+        "processor": device_label("cpu"),
         "torch": torch.__version__,
         "threads": args.threads,
         "loadavg_before": load_before,
@@ -186,13 +170,11 @@ def main() -> None:
     }
     record = {"config": vars(args) | {"out": str(args.out)}, "machine": machine}
     record |= {"summary": summary, "blocks": blocks}
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"callback_overhead-cpu-{dt.date.today().isoformat()}"
-    stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
     md = [
         "# BalancedPruningCallback overhead per training step",
         "",
-        f"Machine: {machine['description']} ({machine['processor']}), torch {machine['torch']}, "
+        f"Machine: {machine['description']}, torch {machine['torch']}, "
         f"{args.threads} thread(s); load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (the machine is shared).",
         f"Model: 2-layer LSTM LM, vocab {args.vocab}, hidden {args.hidden}, bptt {args.bptt}, "
@@ -215,7 +197,7 @@ def main() -> None:
         f"| overhead, direct | {summary['direct_overhead_pct']:.2f} % |",
         f"| target | <= {summary['target_pct']:.0f} % |",
     ]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_result(stem, record, "\n".join(md) + "\n")
     print(json.dumps(summary, indent=2))
     print(f"wrote {stem}.json and {stem}.md")
 

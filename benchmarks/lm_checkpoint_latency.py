@@ -4,7 +4,7 @@ The `bs-train` runs measure latency at the end of each run, but a sweep runs sev
 at once on a small machine, so those figures carry the load of the others. This loads the
 balanced runs' final checkpoints (`<run>/checkpoints/last.ckpt`) one after another and
 times the pruned model (dense kernels) against its converted model in turns with
-`bs_lightning.evaluate.measure_latency`, on one input of `--batch` rows of `--bptt` tokens.
+`bs_lightning.bench.timing.measure_latency`, on one input of `--batch` rows of `--bptt` tokens.
 
     python benchmarks/lm_checkpoint_latency.py RUN_DIR... --bank-size 50 [--threads 1]
         [--out benchmarks/results/NAME]   # writes NAME.json and NAME.md
@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from bs_lightning import convert_to_sparse
-from bs_lightning.evaluate import clone_model, measure_latency
+from bs_lightning.bench.device import load_average, machine_description
+from bs_lightning.bench.results import write_result
+from bs_lightning.bench.timing import measure_latency
+from bs_lightning.evaluate import clone_model
 from bs_lightning.models.lstm_lm import LSTMLanguageModel
 
 
@@ -69,9 +71,10 @@ def main(argv=None) -> int:
             flush=True,
         )
     if args.out is not None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        load = load_average()
         result = {
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_description("cpu"),
             "torch": torch.__version__,
             "threads": args.threads,
             "input": [args.batch, args.bptt],
@@ -79,14 +82,12 @@ def main(argv=None) -> int:
             "load_average_end": load,
             "rows": rows,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
         lines = [
             f"# LSTM LM latency, pruned (dense kernels) vs converted ({result['date']})",
             "",
-            f"CPU, torch {torch.__version__}, {args.threads} thread(s), input {args.batch} x "
-            f"{args.bptt} tokens, median of {args.repeats} passes each, in turns; load average "
-            f"at the end {load:.2f}.",
+            f"{result['machine']}, torch {torch.__version__}, {args.threads} thread(s), "
+            f"input {args.batch} x {args.bptt} tokens, median of {args.repeats} passes each, "
+            f"in turns; load average at the end {load:.2f}.",
             "",
             "| run | sparsity | test ppl | dense ms | converted ms | speedup |",
             "|---|---|---|---|---|---|",
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
                 f"| {r['run']} | {r['sparsity']} | {r['test_ppl']:.2f} | {r['dense_ms']:.3f} "
                 f"| {r['converted_ms']:.3f} | {r['speedup']:.2f}x |"
             )
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_result(args.out, result, "\n".join(lines) + "\n")
     return 0
 
 

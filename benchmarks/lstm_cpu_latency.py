@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
+import math
 import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
+from bs_lightning.bench.device import machine_description
+from bs_lightning.bench.results import write_result
+from bs_lightning.bench.timing import interleaved_medians
 from bs_lightning.nn import BalancedSparseLSTM
-from bs_lightning.sparsity import balanced_mask
+from bs_lightning.sparsity import BalancedPattern, find_prunable, prune_once_
 
 # (hidden size, bank size): 200 = lstm_ptb_small, 650 = Zaremba "medium", 1500 = "large"
 CASES = ((200, 25), (650, 50), (1500, 50))
@@ -32,27 +32,16 @@ CASES = ((200, 25), (650, 50), (1500, 50))
 def masked_lstm(hidden: int, bank: int, sparsity: float) -> torch.nn.LSTM:
     """A 2-layer `nn.LSTM` whose weight matrices are balanced-sparse (exact zeros)."""
     lstm = torch.nn.LSTM(hidden, hidden, num_layers=2).eval()
-    with torch.no_grad():
-        for name, param in lstm.named_parameters():
-            if name.startswith("weight"):
-                param.mul_(balanced_mask(param, sparsity, bank))
+    prune_once_(find_prunable(lstm), BalancedPattern(bank), sparsity)
     return lstm
 
 
 @torch.no_grad()
 def time_pair(dense, sparse, x: torch.Tensor, reps: int) -> tuple[float, float]:
     """Median seconds per call of `dense(x)` and `sparse(x)`, timed in turns."""
-    for module in (dense, sparse):
-        module(x)
-    t_dense, t_sparse = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dense(x)
-        t_dense.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        sparse(x)
-        t_sparse.append(time.perf_counter() - t0)
-    return statistics.median(t_dense), statistics.median(t_sparse)
+    fns = {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
+    s = interleaved_medians(fns, reps=reps, warmup=1, budget_s=math.inf, rotate=False)
+    return s["dense"], s["sparse"]
 
 
 def main() -> None:
@@ -89,7 +78,7 @@ def main() -> None:
 
     date = dt.date.today().isoformat()
     meta = {
-        "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, no GPU",
+        "machine": machine_description("cpu"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": os.getloadavg(),
@@ -98,8 +87,6 @@ def main() -> None:
         "batch": 1,
         "layers": 2,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"lstm-cpu-{date}.json").write_text(json.dumps({**meta, "rows": rows}, indent=2))
     lines = [
         "# LSTM inference latency on the CPU: dense nn.LSTM vs BalancedSparseLSTM",
         "",
@@ -115,7 +102,7 @@ def main() -> None:
             for r in rows
         ),
     ]
-    (args.out / f"lstm-cpu-{date}.md").write_text("\n".join(lines) + "\n")
+    write_result(args.out / f"lstm-cpu-{date}", {**meta, "rows": rows}, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,23 @@
 """Test-split evaluation after fit: dense baseline, pruned model, converted sparse model, and
 inference latency of dense vs converted on the run's device (one process, interleaved)."""
 
-import statistics
-import time
-
 import lightning.pytorch as pl
-import torch
 from torch import nn
 
+from bs_lightning.bench.timing import measure_latency
 from bs_lightning.convert import convert_to_sparse
-from bs_lightning.sparsity import find_prunable
+from bs_lightning.sparsity import SparsityPlan, find_prunable
+from bs_lightning.validation import is_dense_target
 
 
 def clone_model(model: pl.LightningModule) -> pl.LightningModule:
-    """A fresh copy of `model` built from its saved hyperparameters, with its weights and the
-    pruning callback's bank records (`module._bs_lightning_banks`, docs/ARCHITECTURE.md 5).
+    """A fresh copy of `model` built from its saved hyperparameters, with its weights.
 
     `copy.deepcopy` is not used: a module attached to a Trainer would copy the Trainer too.
+    What was pruned how travels separately, as a `SparsityPlan`.
     """
     clone = type(model)(**model.hparams)
     clone.load_state_dict(model.state_dict())
-    for name, module in model.named_modules():
-        banks = getattr(module, "_bs_lightning_banks", None)
-        if banks is not None:
-            clone.get_submodule(name)._bs_lightning_banks = dict(banks)
     return clone
 
 
@@ -41,57 +35,12 @@ def weight_sparsity(model: nn.Module, include=None, exclude=None) -> float:
     return zeros / sum(p.numel() for p in params)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def measure_latency(
-    models: dict[str, nn.Module],
-    x: torch.Tensor,
-    device: torch.device,
-    warmup: int = 5,
-    repeats: int = 30,
-) -> dict[str, float]:
-    """Median wall time of one forward pass of each model on the same input.
-
-    The models are timed in turns (dense, sparse, dense, ...) so that a change in the
-    machine's load during the measurement hits all of them alike.
-
-    Args:
-        models: name -> model; each is moved to `device` and put in eval mode.
-        x: the input batch, e.g. `[batch, t]` token ids or `[batch, c, h, w]` images.
-        device: where to run.
-        warmup: untimed passes per model first.
-        repeats: timed passes per model.
-
-    Returns:
-        name -> median milliseconds per forward pass.
-    """
-    x = x.to(device)
-    for model in models.values():
-        model.to(device).eval()
-    for _ in range(warmup):
-        for model in models.values():
-            model(x)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, model in models.items():
-            _sync(device)
-            start = time.perf_counter()
-            model(x)
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def evaluate_run(
     trainer: pl.Trainer,
     model: pl.LightningModule,
     datamodule,
     *,
-    pattern: str,
+    plan: SparsityPlan | None,
     sparsity,
     include=None,
     exclude=None,
@@ -109,7 +58,8 @@ def evaluate_run(
         model: the model after fit.
         datamodule: its data; the first test batch (first `latency_batch_size` rows) feeds
             the latency measurement.
-        pattern: pruning pattern of the run ("balanced" converts to sparse modules).
+        plan: what the run pruned how (`BalancedPruningCallback.plan`); None for a dense run.
+            Layers whose pattern has a sparse format (balanced, N:M) are converted with it.
         sparsity: target sparsity of the run (0 = dense run; a mapping for per-layer targets).
         include, exclude: the pruning selection, for the effective sparsity.
         dense_model: the dense starting point, tested as the dense baseline when given.
@@ -124,7 +74,7 @@ def evaluate_run(
         `conversion` (what happened), `latency` (device, batch size, dense_ms, converted_ms,
         speedup).
     """
-    is_dense_run = not isinstance(sparsity, dict) and float(sparsity) == 0.0
+    is_dense_run = is_dense_target(sparsity)
     pruned_metric = test_metric(trainer, model, datamodule)
     if dense_model is not None and test_dense_baseline:
         dense_metric = test_metric(trainer, dense_model, datamodule)
@@ -136,10 +86,13 @@ def evaluate_run(
         conversion = "dense run: nothing to convert"
     elif not convert:
         conversion = "conversion disabled (evaluate.convert=false)"
-    elif pattern != "balanced":
-        conversion = f"pattern {pattern!r} is not balanced: only balanced models convert"
+    elif plan is None:
+        conversion = "no sparsity plan: nothing to convert"
+    elif not any(entry.pattern.converts for entry in plan):
+        patterns = sorted({entry.pattern.describe() for entry in plan})
+        conversion = f"pattern {patterns} has no sparse format: only balanced and N:M convert"
     else:
-        converted = convert_to_sparse(clone_model(model), strict=True)
+        converted = convert_to_sparse(clone_model(model), plan=plan, strict=True)
         conversion = "converted (strict) to balanced sparse modules"
     converted_metric = (
         test_metric(trainer, converted, datamodule) if converted is not None else None

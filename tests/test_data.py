@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from fake_datasets import REAL_FASHION_MNIST, REAL_PTB, write_fashion_mnist, write_idx, write_ptb
+from helpers.fake_datasets import (
+    REAL_FASHION_MNIST,
+    REAL_PTB,
+    write_fashion_mnist,
+    write_idx,
+    write_ptb,
+)
 from sklearn.datasets import load_digits
 
 from bs_lightning.data import DigitsDataModule, FashionMNISTDataModule, PTBDataModule

@@ -1,6 +1,6 @@
 """bs_lightning.hf: layer selection, one-shot pruning + conversion, save/load, errors.
 
-Tiny randomly initialised BERT, GPT-2 and Llama models are built here (no download).
+Tiny randomly initialised BERT, GPT-2 and Llama models (`helpers`, no download).
 """
 
 from __future__ import annotations
@@ -8,21 +8,16 @@ from __future__ import annotations
 import copy
 import json
 
+import helpers
 import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-)
+from transformers import BertForSequenceClassification, GPT2LMHeadModel, LlamaForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from bs_lightning import SparsityPlan
 from bs_lightning.hf import load_sparse, prune_and_convert, save_sparse
 from bs_lightning.hf.io import MARKER_FILE, WEIGHTS_FILE
 from bs_lightning.hf.prune import prune_balanced_
@@ -34,45 +29,17 @@ SEQ = 12
 
 
 def tiny_bert(hidden: int = 32, intermediate: int = 64) -> BertForSequenceClassification:
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=intermediate,
-        max_position_embeddings=32,
-        num_labels=3,
+    return helpers.tiny_bert(
+        BertForSequenceClassification, VOCAB, hidden, intermediate, num_labels=3
     )
-    return BertForSequenceClassification(cfg).eval()
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=32,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg).eval()
+    return helpers.tiny_gpt2(VOCAB, bos_token_id=0, eos_token_id=0)
 
 
 def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return helpers.tiny_llama(VOCAB)
 
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}
@@ -187,10 +154,9 @@ def test_short_last_bank_layer_converts():
 def test_convert_already_pruned_model_with_sparsity_none():
     model = tiny_bert()
     ref = pruned_reference(model, 0.5, 8)
-    # a copy of the pruned weights without the bank record: k is inferred from the zeros
+    # a copy of the pruned weights carries no recorded plan: k is inferred from the zeros
     pruned = copy.deepcopy(ref)
-    for _, module in select_layers(pruned):
-        del module.__dict__["_bs_lightning_banks"]
+    assert SparsityPlan.recorded(pruned) is None
     prune_and_convert(pruned, None, bank_size=8)
     layer = pruned.get_submodule("bert.encoder.layer.1.intermediate.dense")
     assert (layer.bank_size, layer.k) == (8, 4)

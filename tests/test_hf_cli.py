@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+from helpers import tiny_bert, tiny_gpt2
 
 from bs_lightning.hf import load_sparse
 from bs_lightning.hf.cli import convert_cli, densify
@@ -17,17 +17,8 @@ FAST = ["--warmup", "1", "--repeats", "2", "--seq-len", "8"]
 
 @pytest.fixture(scope="module")
 def bert_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=64,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
     folder = tmp_path_factory.mktemp("cli") / "bert"
-    BertModel(cfg).save_pretrained(folder)
+    tiny_bert(vocab_size=64).save_pretrained(folder)
     return folder
 
 
@@ -58,10 +49,8 @@ def test_cli_converts_saves_and_reports(bert_dir, tmp_path, capsys):
 
 
 def test_cli_include_exclude_and_model_class(tmp_path):
-    torch.manual_seed(0)
     folder = tmp_path / "gpt2"
-    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
-    GPT2LMHeadModel(cfg).save_pretrained(folder)
+    tiny_gpt2(vocab_size=64, positions=16).save_pretrained(folder)
     summary = convert_cli(
         [
             "--model", str(folder), "--sparsity", "0.5", "--bank-size", "8",

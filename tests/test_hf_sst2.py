@@ -5,10 +5,9 @@ import sys
 
 import pytest
 import torch
-from hf_fakes import write_sst2, write_tiny_bert
-from hydra import compose, initialize_config_dir
+from helpers.hf_fakes import write_sst2, write_tiny_bert
 
-from bs_lightning.config_paths import config_dirs
+from bs_lightning.config_paths import compose_config
 from bs_lightning.data.sst2 import LengthBatches, SST2DataModule, read_sst2_tsv
 from bs_lightning.hf import prune_and_convert
 from bs_lightning.hf.paths import resolve_model_path
@@ -148,7 +147,6 @@ def test_resolve_minilm_to_the_bundled_folder():
 
 def test_minilm_sst2_recipe_runs_tiny(files, tmp_path):
     bert, sst2 = files
-    conf_dir, _ = config_dirs()
     overrides = [
         "recipe=minilm_sst2",
         f"output_dir={tmp_path / 'run'}",
@@ -165,8 +163,7 @@ def test_minilm_sst2_recipe_runs_tiny(files, tmp_path):
         "evaluate.latency_warmup=1",
         "evaluate.latency_repeats=2",
     ]
-    with initialize_config_dir(str(conf_dir), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
+    cfg = compose_config(overrides)
     assert cfg.data.tokenizer == str(bert)  # the classifier's own tokenizer
     metrics = train(cfg)
     assert metrics["model"] == "HFSequenceClassifier" and metrics["data"] == "SST2DataModule"
@@ -180,9 +177,9 @@ def test_minilm_sst2_recipe_runs_tiny(files, tmp_path):
 
 def test_pruned_classifier_converts_with_sparsity_none(files):
     # a fine-tuned, already pruned classifier: prune_and_convert(sparsity=None) converts it
-    # with the recorded bank layout (bank 16 here, not the default 32)
+    # with the plan recorded for it (bank 16 here, not the default 32)
     model = HFSequenceClassifier(num_classes=2, pad_token_id=0, pretrained=str(files[0])).eval()
-    prune_balanced_(select_layers(model.net), 0.75, 16)
+    prune_balanced_(select_layers(model.net), 0.75, 16).record(model.net)
     x = torch.tensor([[2, 13, 5, 18, 21, 3]])
     with torch.inference_mode():
         want = model(x)

@@ -10,10 +10,9 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.kernels import assert_close_to_dense, fresh_seed, make_case, make_layer_case
 
 from bs_lightning import ops
-from bs_lightning.nn.format import pack_balanced
-from bs_lightning.sparsity import balanced_mask, keep_count
 
 op = torch.ops.bs_lightning.balanced_linear if ops.load() else None
 
@@ -23,34 +22,6 @@ def compiled_op():
     """Every test here needs the compiled library (the build must work on the test machine)."""
     assert ops.load(), f"kernels failed to build: {ops._build.last_error()}"
     assert ops.backend("cpu") == "compiled-cpu"
-
-
-def fresh_seed() -> int:
-    seed = random.SystemRandom().randrange(2**31)
-    torch.manual_seed(seed)
-    return seed
-
-
-def make_case(out, inn, bank_size, sparsity, dtype=torch.float32):
-    """A balanced `[out, inn]` weight (masked dense) and its packed values/indices."""
-    k = keep_count(bank_size, sparsity)
-    weight = torch.randn(out, inn)
-    weight = weight * balanced_mask(weight, sparsity, bank_size)
-    values, indices, _ = pack_balanced(weight.to(dtype), bank_size, k)
-    return weight.to(dtype), values, indices
-
-
-def assert_close_to_dense(y, x, weight, bias, seed, what=""):
-    """Error vs an fp64 product at most twice plain PyTorch's error at x's precision."""
-    exact = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
-    torch_err = (F.linear(x, weight, bias).double() - exact).abs().max().item()
-    our_err = (y.double() - exact).abs().max().item()
-    scale = exact.abs().max().item() + 1.0
-    eps = torch.finfo(x.dtype).eps
-    assert y.dtype == x.dtype and y.shape == exact.shape, (y.dtype, y.shape, what)
-    assert our_err <= 2 * torch_err + 4 * eps * scale, (
-        f"seed={seed} {what}: error {our_err:.3g} vs torch {torch_err:.3g}"
-    )
 
 
 # --- hand cases -----------------------------------------------------------------------------
@@ -105,9 +76,7 @@ def test_random_cases_match_masked_dense(batch):
 def test_batch_4096(sparsity):
     # 50% takes the dense fallback at this batch, 90% the sparse tile kernel.
     seed = fresh_seed()
-    weight, values, indices = make_case(48, 160, 32, sparsity)
-    bias = torch.randn(48)
-    x = torch.randn(4096, 160)
+    weight, values, indices, bias, x = make_layer_case(48, 160, 32, sparsity, 4096)
     assert_close_to_dense(op(x, values, indices, 32, 160, bias), x, weight, bias, seed)
 
 
@@ -115,9 +84,7 @@ def test_batch_4096(sparsity):
 def test_wide_layer_in_column_chunks(dtype):
     # 9000 columns at bank 8: the batch-64 tile kernel splits each row into column chunks
     seed = fresh_seed()
-    weight, values, indices = make_case(24, 9000, 8, 0.75, dtype)
-    bias = torch.randn(24).to(dtype)
-    x = torch.randn(64, 9000).to(dtype)
+    weight, values, indices, bias, x = make_layer_case(24, 9000, 8, 0.75, 64, dtype)
     assert_close_to_dense(op(x, values, indices, 8, 9000, bias), x, weight, bias, seed)
 
 
@@ -164,9 +131,7 @@ def test_leading_dims_and_non_contiguous_inputs(batch):
 def test_other_dtypes(dtype, batch):
     # bf16/fp16 run the kernels with fp32 accumulation; fp64 takes the dense path.
     seed = fresh_seed()
-    weight, values, indices = make_case(45, 200, 32, 0.875, dtype)
-    bias = torch.randn(45).to(dtype)
-    x = torch.randn(batch, 200).to(dtype)
+    weight, values, indices, bias, x = make_layer_case(45, 200, 32, 0.875, batch, dtype)
     assert_close_to_dense(op(x, values, indices, 32, 200, bias), x, weight, bias, seed, str(dtype))
 
 

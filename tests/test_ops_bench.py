@@ -147,3 +147,63 @@ def test_interleaved_medians_times_blocks_of_calls():
         calls={"block": 5},
     )
     assert counts == {"one": 4, "block": 20}  # (warmup + reps) x calls
+
+
+def test_measure_latency_times_models_in_turns():
+    import torch
+
+    from bs_lightning.bench.timing import measure_latency
+
+    order = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            assert torch.is_inference_mode_enabled() and not self.training
+            order.append(self.name)
+            return x
+
+    ms = measure_latency(
+        {"a": Probe("a"), "b": Probe("b")}, torch.ones(1), torch.device("cpu"), 2, 3
+    )
+    assert order == ["a", "b"] * 5  # warmup + repeats rounds, always in the same order
+    assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
+
+
+def test_interleaved_medians_in_fixed_order_with_synchronize():
+    from bs_lightning.bench.timing import interleaved_medians
+
+    events = []
+    fns = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    interleaved_medians(fns, reps=2, warmup=0, rotate=False, synchronize=lambda: events.append("|"))
+    assert events == ["|", "a", "|", "|", "b", "|"] * 2
+    events.clear()
+    interleaved_medians(fns, reps=2, warmup=0)  # default: each round starts one later
+    assert events == ["a", "b", "b", "a"]
+
+
+def test_device_label_slug_and_result_files(tmp_path):
+    import json
+    import os
+
+    import torch
+
+    from bs_lightning.bench.device import (
+        cpu_model_name,
+        device_label,
+        device_slug,
+        machine_description,
+    )
+    from bs_lightning.bench.results import write_result
+
+    assert device_label("cpu") == cpu_model_name() != ""
+    assert device_slug(torch.device("cpu")) == f"cpu-{torch.get_num_threads()}core"
+    assert machine_description("cpu").startswith(f"{os.cpu_count()}-core {cpu_model_name()}")
+    written = write_result(tmp_path / "sub" / "cpu-2core-2026-01-01", {"rows": [1]}, "# md\n")
+    assert [p.name for p in written] == ["cpu-2core-2026-01-01.json", "cpu-2core-2026-01-01.md"]
+    assert (
+        json.loads(written[0].read_text()) == {"rows": [1]} and written[1].read_text() == "# md\n"
+    )

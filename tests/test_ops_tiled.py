@@ -10,7 +10,7 @@ import random
 import pytest
 import torch
 import torch.nn.functional as F
-from test_ops import assert_close_to_dense, fresh_seed, make_case
+from helpers.kernels import assert_close_to_dense, fresh_seed, make_case, make_layer_case
 
 from bs_lightning import ops
 from bs_lightning.nn import BalancedSparseLinear
@@ -74,9 +74,7 @@ def test_random_cases_match_masked_dense(batch):
 @pytest.mark.parametrize("batch", [1, 12, 200])
 def test_other_dtypes(dtype, batch):
     seed = fresh_seed()
-    weight, values, indices = make_case(45, 200, 32, 0.5, dtype)
-    bias = torch.randn(45).to(dtype)
-    x = torch.randn(batch, 200).to(dtype)
+    weight, values, indices, bias, x = make_layer_case(45, 200, 32, 0.5, batch, dtype)
     tv, ti = tiled(values, indices)
     y = op(x, tv, ti, 32, 200, 45, bias)
     assert_close_to_dense(y, x, weight, bias, seed, str(dtype))

@@ -27,12 +27,8 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as dt
-import json
 import math
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,16 +36,18 @@ import torch.nn.functional as F
 
 from bs_lightning import ops
 from bs_lightning.bench.cuda_contenders import cuda_contenders
+from bs_lightning.bench.device import device_label, device_slug, load_average
+from bs_lightning.bench.results import write_result
 from bs_lightning.bench.timing import (
+    CLOCKS,
     copy_bandwidth,
     cuda_graph_us,
-    device_slug,
     interleaved_medians,
     llc_bytes,
 )
 from bs_lightning.nn import BalancedSparseLinear
 from bs_lightning.nn.format import pack_balanced
-from bs_lightning.sparsity import balanced_mask, keep_count
+from bs_lightning.sparsity import BalancedPattern, NMPattern, keep_count, prune_matrix
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "6000x3000", "4096x25088"]
 SPARSITIES = [0.5, 0.75, 0.875, 0.9, 0.95]
@@ -65,9 +63,6 @@ CPU_TARGETS = {
 }
 CONTENDERS = ["dense", "balanced", "csr", "semi_2to4"]
 MAX_COPIES = 256  # weight copies per contender on the CPU
-# CPU clocks: wall time, or the calling thread's CPU time (needs --threads 1; immune to the
-# time slices other processes take on a shared machine)
-CLOCKS = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -85,8 +80,8 @@ def semi_structured(weight: torch.Tensor):
     try:
         from torch.sparse import to_sparse_semi_structured
 
-        mask = balanced_mask(weight, 0.5, 4)  # 2 of every 4 = the 2:4 pattern
-        return to_sparse_semi_structured(weight * mask)
+        pruned, _ = prune_matrix(weight, NMPattern(2, 4), 0.5)
+        return to_sparse_semi_structured(pruned)
     except Exception as exc:  # unsupported GPU, dtype or build: reported, not fatal
         return exc
 
@@ -160,8 +155,7 @@ def copies_of(obj, nbytes: int, args, device: torch.device) -> list:
 def bench_layer(out, inn, sparsity, weight, device, dtype, args, copy_bw) -> list[dict]:
     """All batches of one (shape, sparsity): returns one row per batch."""
     bank = args.bank_size
-    k = keep_count(bank, sparsity)
-    masked = weight * balanced_mask(weight, sparsity, bank)
+    masked, k = prune_matrix(weight, BalancedPattern(bank), sparsity)
     values, indices, _ = pack_balanced(masked, bank, k)
     w = masked.to(device=device, dtype=dtype)
     values, indices = values.to(device=device, dtype=dtype), indices.to(device)
@@ -327,16 +321,6 @@ def to_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bs_lightning.bench kernels",
@@ -410,7 +394,7 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     ops.load()
     torch.manual_seed(args.seed)
-    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_before = load_average()
     copy_bw = copy_bandwidth(device, clock=CLOCKS[args.clock])
     rows = []
     for out, inn in args.shapes:
@@ -430,9 +414,7 @@ def run(args: argparse.Namespace) -> dict:
         "meta": {
             "device_slug": device_slug(device),
             "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "machine": torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else machine_name(),
+            "machine": device_label(device),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "dtype": args.dtype,
@@ -446,7 +428,7 @@ def run(args: argparse.Namespace) -> dict:
             "copy_bandwidth_gbs": copy_bw / 1e9,
             # runnable processes on the machine (1-minute load average) at start and end:
             # far above the core count, wall-clock times mostly measure waiting for a core
-            "load_average": [load_before, os.getloadavg()[0] if load_before is not None else None],
+            "load_average": [load_before, load_average()],
         },
         "rows": rows,
         "targets": check_targets(rows, device, dtype, args.bank_size),
@@ -459,12 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(result)
     print(md)
     if not args.no_write:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{result['meta']['device_slug']}-{dt.date.today().isoformat()}"
         if args.clock != "wall":
             stem += f"-{args.clock}"
-        (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out_dir / f"{stem}.md").write_text(md)
+        write_result(args.out_dir / stem, result, md)
         print(f"wrote {args.out_dir / stem}.json and .md")
     return 0
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +33,9 @@ import torch
 from torch import nn
 
 from bs_lightning import ops
+from bs_lightning.bench.device import device_label, device_slug
+from bs_lightning.bench.results import write_result
+from bs_lightning.bench.timing import cuda_event_us
 from bs_lightning.nn.cuda_graph import CudaGraphRunner
 from bs_lightning.nn.lstm import BalancedSparseLSTM, lstm_weight_names
 
@@ -42,30 +43,6 @@ __all__ = ["main", "run"]
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 TARGET_SPEEDUP = 2.5  # issue 4: sparse (graph) vs nn.LSTM (cuDNN, eager) at 90%
-
-
-def time_cuda_us(fn: Callable[[], object], reps: int, warmup: int) -> float:
-    """Median microseconds of `fn()` measured with CUDA events (one pair per call)."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        pairs.append((start, end))
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in pairs) * 1e3
-
-
-def device_slug(device: torch.device) -> str:
-    """`nvidia-h200` for an NVIDIA H200, `cpu` for the CPU."""
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
 def build_models(args, bank_size: int, device: torch.device, dtype: torch.dtype):
@@ -178,7 +155,7 @@ def run(args) -> dict:
     dtype = DTYPES[args.dtype]
     results = {
         "benchmark": "lstm_e2e",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "device": device_label(device),
         "torch": torch.__version__,
         "dtype": args.dtype,
         "hidden": args.hidden,
@@ -214,7 +191,7 @@ def run(args) -> dict:
                     entry["errors"][name] = f"{type(fn).__name__}: {fn}"[:300]
                 elif device.type == "cuda":
                     try:
-                        us = time_cuda_us(fn, args.reps, args.warmup)
+                        us = cuda_event_us(fn, args.reps, args.warmup)
                         entry["times_us"][name] = round(us, 2)
                     except Exception as exc:  # recorded, the other variants still run
                         entry["errors"][name] = f"{type(exc).__name__}: {exc}"[:300]
@@ -313,10 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     md = to_markdown(results)
     print(md)
     if args.out_dir is not None:
-        args.out_dir.mkdir(parents=True, exist_ok=True)
         stem = f"{device_slug(torch.device(args.device))}-{dt.date.today().isoformat()}-lstm"
-        (args.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-        (args.out_dir / f"{stem}.md").write_text(md)
+        write_result(args.out_dir / stem, results, md)
         print(f"wrote {args.out_dir / stem}.json and .md")
     return 0
 

@@ -23,10 +23,11 @@ import torch
 import transformers
 from torch import nn
 
-from bs_lightning.evaluate import measure_latency
+from bs_lightning.bench.timing import measure_latency
 from bs_lightning.hf.io import dedupe_state, save_sparse, sparse_layers
 from bs_lightning.hf.paths import resolve_model_path
 from bs_lightning.hf.prune import prune_and_convert
+from bs_lightning.nn.swap import replace_submodule
 
 DTYPES = {
     "auto": None,
@@ -83,8 +84,7 @@ def densify(model: nn.Module) -> nn.Module:
     """A copy of `model` with every sparse layer replaced by its dense equivalent (`to_dense`)."""
     dense = copy.deepcopy(model)
     for name, module in sparse_layers(dense).items():
-        parent, _, attr = name.rpartition(".")
-        setattr(dense.get_submodule(parent) if parent else dense, attr, module.to_dense())
+        replace_submodule(dense, name, module.to_dense())
     return dense
 
 

@@ -4,8 +4,9 @@ as a Hugging Face model folder, and SST-2 files in the real GLUE .tsv format."""
 import random
 from pathlib import Path
 
-import torch
-from transformers import BertConfig, BertModel, BertTokenizer
+from transformers import BertTokenizer
+
+from helpers import tiny_bert
 
 POSITIVE = ["good", "great", "fun", "moving"]
 NEGATIVE = ["bad", "awful", "dull", "boring"]
@@ -22,16 +23,9 @@ def write_tiny_bert(root: Path, hidden: int = 32, intermediate: int = 64) -> Pat
     root.mkdir(parents=True, exist_ok=True)
     vocab = SPECIAL + POSITIVE + NEGATIVE + FILLER
     BertTokenizer(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(root)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=intermediate,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(root)
+    tiny_bert(
+        vocab_size=len(vocab), hidden=hidden, intermediate=intermediate, max_positions=64
+    ).save_pretrained(root)
     return root
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-REAL_PTB = Path(__file__).resolve().parents[2] / "shared" / "data" / "ptb"
+REAL_PTB = Path(__file__).resolve().parents[3] / "shared" / "data" / "ptb"
 REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
