@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -59,6 +59,19 @@ def random_loader(n: int = 64, batch_size: int = 8, seed: int = 0) -> DataLoader
         torch.randn(n, 2, 6, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
     )
     return DataLoader(data, batch_size=batch_size)
+
+
+def quiet_trainer(callbacks: list, max_epochs: int = 1, **kwargs) -> Trainer:
+    """A CPU `Trainer` with no logger, progress bar, model summary or checkpointing."""
+    return Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **kwargs,
+    )
 
 
 class MemoryLogger(Logger):

@@ -4,8 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_loader
-from lightning.pytorch import Trainer
+from conftest import quiet_trainer, random_loader
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 from torch.utils.data import DataLoader, IterableDataset
 
@@ -74,15 +73,7 @@ def test_construction_errors(kwargs, match):
 
 
 def fit(model, pruner, loader=None, max_epochs=1, **kwargs):
-    trainer = Trainer(
-        max_epochs=max_epochs,
-        callbacks=[pruner],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        **kwargs,
-    )
+    trainer = quiet_trainer([pruner], max_epochs=max_epochs, **kwargs)
     trainer.fit(model, loader if loader is not None else random_loader())
 
 

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import TinyZoo, random_loader
-from lightning.pytorch import Trainer
+from conftest import TinyZoo, quiet_trainer, random_loader
 
 from bs_lightning import BalancedPruningCallback
 
@@ -17,14 +16,7 @@ def make_pruner(**overrides):
 def run(pruner, epochs, ckpt_path=None, model=None):
     torch.manual_seed(0)
     model = model or TinyZoo()
-    trainer = Trainer(
-        max_epochs=epochs,
-        callbacks=[pruner],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
+    trainer = quiet_trainer([pruner], max_epochs=epochs)
     trainer.fit(model, random_loader(), ckpt_path=ckpt_path)
     return trainer, model
 

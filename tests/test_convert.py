@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import random_loader
-from lightning.pytorch import Trainer
+from conftest import quiet_trainer, random_loader
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -116,15 +115,7 @@ def test_bank_size_override():
 
 def test_after_callback_fit(tiny_zoo):
     pruner = BalancedPruningCallback(sparsity=0.75, bank_size=8, frequency=2, end_step=4)
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[pruner],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(tiny_zoo, random_loader())
+    quiet_trainer([pruner]).fit(tiny_zoo, random_loader())
     model = tiny_zoo.eval()
     x = torch.randn(3, 2, 6, 6)
     expected = model(x)

@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import TinyZoo, random_loader
+from conftest import TinyZoo, quiet_trainer, random_loader
 from helpers import tiny_bert
-from lightning.pytorch import Trainer
 from transformers import BertForSequenceClassification
 
 from bs_lightning import BalancedPruningCallback, SparsityPlan, convert_to_sparse
@@ -29,28 +28,27 @@ from bs_lightning.sparsity import (
 X = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(1))
 
 
-def _fit_bank16(tmp_path, **kwargs):
-    """TinyZoo pruned to bank 16, k=2 (87.5%) on head, proj and the LSTM; a checkpoint."""
+def _bank16_pruner() -> BalancedPruningCallback:
+    """Bank 16, k=2 (87.5%) on TinyZoo's head, proj and LSTM."""
+    include = ["head", "proj", "lstm"]
+    return BalancedPruningCallback(
+        sparsity=0.875, bank_size=16, frequency=2, end_step=4, include=include, verbose=False
+    )
+
+
+def _fit(pruner, epochs=1, ckpt_path=None):
+    """TinyZoo (seed 0) trained with `pruner`; returns the model and its trainer."""
     torch.manual_seed(0)
     model = TinyZoo()
-    pruner = BalancedPruningCallback(
-        sparsity=0.875,
-        bank_size=16,
-        frequency=2,
-        end_step=4,
-        include=["head", "proj", "lstm"],
-        verbose=False,
-        **kwargs,
-    )
-    trainer = Trainer(
-        max_epochs=1,
-        callbacks=[pruner],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(model, random_loader())
+    trainer = quiet_trainer([pruner], max_epochs=epochs)
+    trainer.fit(model, random_loader(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def _fit_bank16(tmp_path):
+    """TinyZoo pruned by `_bank16_pruner` for one epoch, and a checkpoint of it."""
+    pruner = _bank16_pruner()
+    model, trainer = _fit(pruner)
     path = tmp_path / "run.ckpt"
     trainer.save_checkpoint(path)
     return model, pruner, path
@@ -107,25 +105,8 @@ def test_callback_records_its_plan_for_the_trained_model(tmp_path):
 
 def test_plan_survives_resume(tmp_path):
     _, first, path = _fit_bank16(tmp_path)
-    torch.manual_seed(0)
-    model = TinyZoo()
-    resumed = BalancedPruningCallback(
-        sparsity=0.875,
-        bank_size=16,
-        frequency=2,
-        end_step=4,
-        include=["head", "proj", "lstm"],
-        verbose=False,
-    )
-    trainer = Trainer(
-        max_epochs=2,
-        callbacks=[resumed],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(model, random_loader(), ckpt_path=path)
+    resumed = _bank16_pruner()
+    model, _ = _fit(resumed, epochs=2, ckpt_path=path)
     assert resumed.plan == first.plan
     assert SparsityPlan.recorded(model) == first.plan
 
