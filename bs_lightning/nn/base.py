@@ -60,7 +60,7 @@ def prune_and_pack(
         bank_size: columns per bank `B`, `1 <= B <= min(in, 256)`.
         sparsity: target sparsity in [0, 1): prune one-shot first (`prune_matrix`). None: the
             matrix must already be balanced.
-        k: keep-count per full bank when known (e.g. recorded by the callback); None infers
+        k: keep-count per full bank when known (e.g. from a `SparsityPlan`); None infers
             it from the zeros. Not allowed together with `sparsity`.
         name: layer name used in error messages.
 
@@ -68,7 +68,7 @@ def prune_and_pack(
         `(values, indices, k)` as `pack_balanced`.
 
     Raises:
-        ValueError: when both `sparsity` and `k` are given, or as `balanced_mask` and
+        ValueError: when both `sparsity` and `k` are given, or as `prune_matrix` and
             `pack_balanced` (bad bank size or sparsity, matrix not balanced).
     """
     if sparsity is not None:

@@ -161,7 +161,7 @@ class BalancedSparseConv2d(BalancedSparseModule):
         Args:
             module: the dense `nn.Conv2d`.
             bank_size: columns per bank of the matrix view (`in/groups * kh * kw` columns).
-            sparsity: target sparsity in [0, 1) for a one-shot `balanced_mask` prune; None
+            sparsity: target sparsity in [0, 1) for a one-shot prune (`prune_matrix`); None
                 requires a weight that is already balanced.
             k: keep-count per bank when known; None infers it. Not together with `sparsity`.
             name: layer name used in error messages.

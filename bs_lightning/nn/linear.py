@@ -79,9 +79,9 @@ class BalancedSparseLinear(BalancedSparseModule):
         Args:
             module: the dense layer (`nn.Linear` here; GPT-2 `Conv1D` for the subclass).
             bank_size: columns per bank, `1 <= bank_size <= min(in_features, 256)`.
-            sparsity: target sparsity in [0, 1) for a one-shot `balanced_mask` prune; None
+            sparsity: target sparsity in [0, 1) for a one-shot prune (`prune_matrix`); None
                 requires a weight that is already balanced (zeros where pruned).
-            k: keep-count per bank when known (e.g. recorded by the callback); None infers it
+            k: keep-count per bank when known (e.g. from a `SparsityPlan`); None infers it
                 from the zeros. Not together with `sparsity`.
             name: layer name used in error messages.
 

@@ -227,7 +227,7 @@ class BalancedSparseLSTM(BalancedSparseModule):
         Args:
             module: the dense `nn.LSTM` (no `proj_size`).
             bank_size: columns per bank, an int or a mapping from weight name to int.
-            sparsity: target sparsity in [0, 1) for a one-shot `balanced_mask` prune of each
+            sparsity: target sparsity in [0, 1) for a one-shot prune (`prune_matrix`) of each
                 matrix; None requires already balanced weights.
             k: keep-count(s) when known (int or mapping); None infers them from the zeros.
                 Not together with `sparsity`.
