@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 from torch import nn
 
 from bs_lightning.bench.timing import measure_latency
-from bs_lightning.convert import convert_to_sparse
+from bs_lightning.convert import conversion_report, convert_to_sparse
 from bs_lightning.sparsity import SparsityPlan, find_prunable
 from bs_lightning.validation import is_dense_target
 
@@ -93,7 +93,11 @@ def evaluate_run(
         conversion = f"pattern {patterns} has no sparse format: only balanced and N:M convert"
     else:
         converted = convert_to_sparse(clone_model(model), plan=plan, strict=True)
-        conversion = "converted (strict) to balanced sparse modules"
+        done, left = conversion_report(converted, plan)
+        conversion = (
+            f"converted {len(done)} of {len(done) + len(left)} pruned layers (strict) to "
+            f"balanced sparse modules" + (f"; left dense: {left}" if left else "")
+        )
     converted_metric = (
         test_metric(trainer, converted, datamodule) if converted is not None else None
     )

@@ -1,5 +1,7 @@
 """convert_to_sparse on small models: callback output, inferred layouts, strict/non-strict."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import quiet_trainer, random_loader
@@ -12,6 +14,8 @@ from bs_lightning.nn import (
     BalancedSparseConv2d,
     BalancedSparseLinear,
     BalancedSparseLSTM,
+    BalancedSparseMultiheadAttention,
+    BalancedSparseTransformerEncoderLayer,
 )
 from bs_lightning.nn.lstm import lstm_weight_names
 from bs_lightning.sparsity import (
@@ -119,19 +123,18 @@ def test_after_callback_fit(tiny_zoo):
     model = tiny_zoo.eval()
     x = torch.randn(3, 2, 6, 6)
     expected = model(x)
-    stay = r"\['encoder.self_attn', 'encoder.self_attn.out_proj', 'encoder.linear1', 'encoder.linear2'\]"
-    with pytest.warns(UserWarning, match="without a sparse module stay dense: " + stay):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every pruned layer converts: no warning
         convert_to_sparse(model)
     assert type(model.conv) is BalancedSparseConv2d
     assert type(model.lstm) is BalancedSparseLSTM
     assert type(model.proj) is BalancedSparseConv1D
     assert type(model.head) is BalancedSparseLinear
-    # the encoder layer's fused fast path reads linear1.weight: everything inside stays dense
-    assert type(model.encoder.linear1) is nn.Linear
-    assert type(model.encoder.self_attn) is nn.MultiheadAttention
-    assert (
-        type(model.encoder.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
-    )
+    # the encoder layer leaves torch's fused path, which reads linear1.weight
+    assert type(model.encoder) is BalancedSparseTransformerEncoderLayer
+    assert type(model.encoder.linear1) is BalancedSparseLinear
+    assert type(model.encoder.self_attn) is BalancedSparseMultiheadAttention
+    assert type(model.encoder.self_attn.out_proj) is BalancedSparseLinear
     assert model.lstm._layouts["weight_ih_l1_reverse_"][2:] == (8, 2)
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
@@ -211,7 +214,7 @@ def test_root_layer_is_returned_converted():
     assert sparse.values.dtype == torch.float16 and (sparse.bank_size, sparse.k) == (32, 3)
 
 
-def test_subclasses_and_attention_stay_dense():
+def test_subclasses_stay_dense_and_attention_converts():
     class MyLinear(nn.Linear):
         pass
 
@@ -222,4 +225,5 @@ def test_subclasses_and_attention_stay_dense():
             weight.mul_(balanced_mask(weight, 0.5, 8))
     convert_to_sparse(model)
     assert type(model.mine) is MyLinear
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert type(model.attn) is BalancedSparseMultiheadAttention
+    assert (model.attn.out_proj.bank_size, model.attn.out_proj.k) == (8, 4)

@@ -55,6 +55,12 @@ class BalancedSparseLinear(BalancedSparseModule):
         """`x [..., in_features]` (any leading shape, may be non-contiguous) -> `[..., out]`."""
         return self._product("", x, self.bias)
 
+    def forward_rows(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Output features `start:stop` only: `x [..., in]` -> `[..., stop - start]` (e.g. the
+        key and value parts of a packed attention input projection)."""
+        bias = None if self.bias is None else self.bias[start:stop]
+        return self._product("", x, bias, rows=slice(start, stop))
+
     @staticmethod
     def _dense_weight_matrix(module: nn.Module) -> torch.Tensor:
         """Matrix view `[out, in]` of the dense module's weight."""
