@@ -33,6 +33,7 @@ A layer whose matrices are all dense (`k == bank_size`) stays dense.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 from torch import nn
@@ -53,7 +54,7 @@ from bs_lightning.nn.swap import replace_submodule
 from bs_lightning.sparsity.params import is_transposed, matrix_view
 from bs_lightning.sparsity.plan import PlannedParam, SparsityPlan
 
-__all__ = ["conversion_report", "convert_to_sparse"]
+__all__ = ["conversion_report", "convert_to_sparse", "densify"]
 
 _EXACT_TYPES = {
     nn.Linear: BalancedSparseLinear,
@@ -290,6 +291,24 @@ def conversion_report(model: nn.Module, plan: SparsityPlan) -> tuple[list[str], 
         if label not in converted + dense:
             target.append(label)
     return converted, dense
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every sparse module replaced by its dense equivalent.
+
+    The inverse of `convert_to_sparse` up to module classes (an encoder layer keeps its
+    `BalancedSparseTransformerEncoderLayer` class, which computes the same with dense children):
+    the dense baseline of a model that exists only in compact form (e.g. `load_sparse`).
+    """
+    dense = copy.deepcopy(model)
+    done: list[str] = []
+    for name, module in list(dense.named_modules()):
+        if any(name.startswith(p) for p in done):
+            continue  # inside a module already replaced (an attention's projections)
+        if isinstance(module, _SPARSE_CHILDREN):
+            dense = replace_submodule(dense, name, module.to_dense())
+            done.append(name + ".")
+    return dense
 
 
 def convert_to_sparse(

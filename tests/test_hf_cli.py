@@ -7,8 +7,9 @@ import pytest
 import torch
 from helpers import tiny_bert, tiny_gpt2
 
+from bs_lightning.convert import densify
 from bs_lightning.hf import load_sparse
-from bs_lightning.hf.cli import convert_cli, densify
+from bs_lightning.hf.cli import convert_cli
 from bs_lightning.hf.io import MARKER_FILE, WEIGHTS_FILE
 from bs_lightning.nn import BalancedSparseConv1D, BalancedSparseLinear
 

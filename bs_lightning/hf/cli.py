@@ -13,21 +13,19 @@ dense vs sparse on the local device (median, timed in turns).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-import transformers
 from torch import nn
 
 from bs_lightning.bench.timing import measure_latency
+from bs_lightning.convert import densify
 from bs_lightning.hf.io import dedupe_state, save_sparse, sparse_layers
-from bs_lightning.hf.paths import resolve_model_path
+from bs_lightning.hf.loading import load_pretrained
 from bs_lightning.hf.prune import prune_and_convert
-from bs_lightning.nn.swap import replace_submodule
 
 DTYPES = {
     "auto": None,
@@ -64,28 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _model_class(config, name: str | None) -> type:
-    candidates = [name] if name else list(getattr(config, "architectures", None) or [])
-    for cand in candidates:
-        cls = getattr(transformers, cand, None)
-        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
-            return cls
-        if name:
-            raise SystemExit(f"bs-convert-hf: --model-class {name!r} is not a transformers model")
-    return transformers.AutoModel
-
-
 def _bytes(model: nn.Module) -> int:
     state, _ = dedupe_state(model.state_dict())
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every sparse layer replaced by its dense equivalent (`to_dense`)."""
-    dense = copy.deepcopy(model)
-    for name, module in sparse_layers(dense).items():
-        replace_submodule(dense, name, module.to_dense())
-    return dense
 
 
 def _main_output(out) -> torch.Tensor:
@@ -130,11 +109,11 @@ def convert_cli(argv: Sequence[str] | None = None) -> dict:
         SystemExit: for bad arguments or a model that cannot be pruned and converted.
     """
     args = _parser().parse_args(argv)
-    path = resolve_model_path(args.model)
-    config = transformers.AutoConfig.from_pretrained(path)
-    cls = _model_class(config, args.model_class)
-    dtype = DTYPES[args.dtype]
-    model = cls.from_pretrained(path, **({} if dtype is None else {"dtype": dtype})).eval()
+    try:
+        model, path = load_pretrained(args.model, args.model_class, DTYPES[args.dtype])
+    except ValueError as err:
+        raise SystemExit(f"bs-convert-hf: {err}") from err
+    config = model.config
     before = _bytes(model)
     try:
         prune_and_convert(model, args.sparsity, args.bank_size, args.include, args.exclude)
