@@ -1,6 +1,8 @@
 """`bs-bench` / `python -m bs_lightning.bench`: benchmark subcommands.
 
 bs-bench kernels [options]   dense vs balanced op vs CSR, see bs_lightning.bench.kernels
+bs-bench lstm [options]      LSTM inference end to end, see bs_lightning.bench.lstm_e2e
+bs-bench model SOURCE ...    a whole model dense vs converted, see bs_lightning.bench.model
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from importlib import import_module
 COMMANDS = {
     "kernels": "bs_lightning.bench.kernels",
     "lstm": "bs_lightning.bench.lstm_e2e",
+    "model": "bs_lightning.bench.model",
 }
 
 
