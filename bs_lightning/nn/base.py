@@ -82,6 +82,16 @@ def prune_and_pack(
     return pack_balanced(matrix, bank_size, k, name)
 
 
+def _tiles_built(bank_size: int) -> bool:
+    """True when the compiled library (built now if needed) runs the tile kernel here."""
+    ops.load()
+    return ops.cpu_tiles_supported(bank_size)
+
+
+def _refresh_after_load(module: BalancedSparseModule, incompatible_keys) -> None:
+    module.refresh_tiles()
+
+
 def _stamp(*tensors: torch.Tensor) -> tuple:
     """Identity of tensors' current contents: storage, offset, dtype and in-place version."""
     # no device: moving the buffers (Module._apply) clears the caches anyway
@@ -126,6 +136,11 @@ class BalancedSparseModule(nn.Module):
         self._kernel_cache: dict[tuple, tuple] = {}
         # prefix -> the last tile-kernel call of that whole matrix (see the module docstring)
         self._tile_plans: dict[str, _TilePlan] = {}
+        # prefix -> input rows from which the dense path runs (set with the tile buffers;
+        # read by compiled code, which cannot call ops.dense_crossover)
+        self._crossovers: dict[str, int] = {}
+        # the compiled path reads the tile buffers as they are: keep them current on load
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _derived(self, key: tuple, values: torch.Tensor, indices: torch.Tensor, make):
         """`make()` cached under `key` while `values`/`indices` keep their contents."""
@@ -154,7 +169,9 @@ class BalancedSparseModule(nn.Module):
         Returns:
             `[..., rows]` in `x.dtype`.
         """
-        if rows is None and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            return self._compiled_product(prefix, x, bias, rows)
+        if rows is None:
             plan = self._tile_plans.get(prefix)
             if plan is not None and self._plan_fits(plan, prefix, x):
                 return torch.ops.bs_lightning.balanced_linear_tiled(
@@ -203,6 +220,49 @@ class BalancedSparseModule(nn.Module):
             x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
         )
 
+    def _compiled_product(
+        self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
+    ) -> torch.Tensor:
+        """`_product` inside `torch.compile`: the tile kernel on the tile buffers (a whole
+        matrix on the CPU below the dense crossover), else `ops.balanced_linear`.
+
+        Compiled code cannot check the buffers' versions: it reads the tile copy made when
+        the weights were last filled, loaded or used eagerly (`refresh_tiles`).
+        """
+        _, in_features, bank_size, k = self._layouts[prefix]
+        tile_values = self._buffers[prefix + "tile_values"]
+        batch = x.numel() // in_features
+        if (
+            rows is None
+            and tile_values.numel()
+            and x.is_cpu
+            and x.dtype == tile_values.dtype
+            and batch < self._crossovers[prefix]
+        ):
+            return torch.ops.bs_lightning.balanced_linear_tiled(
+                x,
+                tile_values,
+                self._buffers[prefix + "tile_indices"],
+                bank_size,
+                in_features,
+                self._layouts[prefix][0],
+                bias,
+            )
+        values = self._buffers[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
+        if rows is not None:
+            values, indices = values[rows], indices[rows]
+        return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
+
+    def refresh_tiles(self) -> None:
+        """Rebuilds the CPU tile copies of every compact matrix from `values`/`indices`.
+
+        Eager calls do this by themselves when the buffers changed; call it after editing
+        `values` or `indices` in place and before running a `torch.compile`d model.
+        """
+        for prefix in self._layouts:
+            self._tile_buffers(prefix)
+
     def _plan_fits(self, plan: _TilePlan, prefix: str, x: torch.Tensor) -> bool:
         """True when `plan` is current for matrix `prefix` and input `x`."""
         values, indices = plan.values, plan.indices
@@ -237,10 +297,36 @@ class BalancedSparseModule(nn.Module):
         return self._tiles((prefix, None), values, indices)
 
     def _tiles(self, key: tuple, values: torch.Tensor, indices: torch.Tensor):
-        """The cached CPU tile layout (`ops.pack_tiles`) of `values`/`indices` under `key`."""
+        """The cached CPU tile layout (`ops.pack_tiles`) of `values`/`indices` under `key`:
+        for a whole matrix the tile buffers (`_tile_buffers`), for a row slice a cache."""
+        prefix, rows = key
+        if rows is None:
+            return self._tile_buffers(prefix)
         return self._derived(
             (*key, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
         )
+
+    def _tile_buffers(self, prefix: str):
+        """The non-persistent buffers `{prefix}tile_values` / `{prefix}tile_indices`, rebuilt
+        when `values`/`indices` changed; empty where the tile kernel does not run."""
+        values = self._buffers[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
+        tile_values = self._buffers[prefix + "tile_values"]
+        tile_indices = self._buffers[prefix + "tile_indices"]
+        stamp = ("tiles", _stamp(values, indices))
+        if self._kernel_cache.get((prefix, None, "tiles")) == stamp:
+            return tile_values, tile_indices
+        _, _, bank_size, k = self._layouts[prefix]
+        # the compiled path checks these two conditions through the buffers' size
+        if values.is_cpu and not values.is_meta and _tiles_built(bank_size):
+            tile_values, tile_indices = ops.pack_tiles(values, indices)
+            self._crossovers[prefix] = ops.dense_crossover(k, bank_size)
+        else:
+            tile_values, tile_indices = values.new_empty(0), indices.new_empty(0)
+        self._buffers[prefix + "tile_values"] = tile_values
+        self._buffers[prefix + "tile_indices"] = tile_indices
+        self._kernel_cache[(prefix, None, "tiles")] = stamp
+        return tile_values, tile_indices
 
     def _apply(self, fn, recurse=True):
         # derived copies follow the buffers' device and dtype by being rebuilt
@@ -282,13 +368,24 @@ class BalancedSparseModule(nn.Module):
         self.register_buffer(
             prefix + "layout", torch.tensor(layout, dtype=torch.int64, device=device)
         )
+        # derived CPU tile copy (`_tile_buffers`): in the module so compiled code can read it,
+        # never saved (the compact tensors stay the format of record)
+        empty = {"device": device, "dtype": dtype}
+        self.register_buffer(prefix + "tile_values", torch.empty(0, **empty), persistent=False)
+        self.register_buffer(
+            prefix + "tile_indices",
+            torch.empty(0, device=device, dtype=torch.uint8),
+            persistent=False,
+        )
         self._layouts[prefix] = layout
 
     def _fill_compact(self, prefix: str, values: torch.Tensor, indices: torch.Tensor) -> None:
-        """Copies packed tensors (from `pack_balanced`) into the buffers of matrix `prefix`."""
+        """Copies packed tensors (from `pack_balanced`) into the buffers of matrix `prefix`
+        and builds its tile copy."""
         with torch.no_grad():
             getattr(self, prefix + "values").copy_(values)
             getattr(self, prefix + "indices").copy_(indices)
+        self._tile_buffers(prefix)
 
     def _take_dense(self, module: nn.Module, values: torch.Tensor, indices: torch.Tensor):
         """Fills the single weight matrix and the bias from a dense `module`; returns self in
