@@ -187,7 +187,8 @@ def balanced_linear_reference(
     # Column of entry j: its bank's first column plus the in-bank index.  [out, width]
     bank_start = torch.arange(width, device=x.device) // k * bank_size
     columns = bank_start + indices.long()
-    if columns.numel() and int(columns.max()) >= in_features:
+    # compiled graphs cannot branch on data: there scatter_add_'s bounds check stands in
+    if not torch.compiler.is_compiling() and columns.numel() and int(columns.max()) >= in_features:
         raise ValueError(
             f"balanced_linear: an index points to column {int(columns.max())}, past "
             f"in_features = {in_features} (indices must be < bank_size within each bank)"

@@ -96,3 +96,18 @@ def test_tile_copy_follows_load_state_dict_and_refresh():
     fresh[0].refresh_tiles()
     doubled = fresh[0]._compiled_product("", x, None, None)
     torch.testing.assert_close(doubled, 2.0 * (model[0](x) - model[0].bias), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_graph_uses_the_dense_copy_from_the_crossover_on():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    plan = prune_once_(find_prunable(model), BalancedPattern(32), 0.5)
+    model = convert_to_sparse(model, plan=plan)
+    rows = ops.dense_crossover(model[0].k, 32)
+    assert rows < 2**20  # half the weights kept: the dense copy wins from some batch on
+    x = torch.randn(rows, 64)
+    assert _ops_in_graph(model, x) == []  # F.linear on the dense copy, no sparse op
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

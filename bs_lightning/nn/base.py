@@ -194,12 +194,15 @@ class BalancedSparseModule(nn.Module):
         key = (prefix, None if rows is None else (rows.start, rows.stop))
         batch = x.numel() // in_features
         if self.dense_fallback and batch >= ops.dense_crossover(k, bank_size):
-            weight = self._derived(
-                (*key, "dense"),
-                values,
-                indices,
-                lambda: unpack_balanced(values, indices, bank_size, in_features),
-            )
+            if rows is None:
+                weight = self._dense_buffer(prefix)
+            else:
+                weight = self._derived(
+                    (*key, "dense"),
+                    values,
+                    indices,
+                    lambda: unpack_balanced(values, indices, bank_size, in_features),
+                )
             return F.linear(x, weight, bias)
         tile_values, tile_indices = self._tiles(key, values, indices)
         if rows is None and not (values.is_inference() or indices.is_inference()):
@@ -223,22 +226,26 @@ class BalancedSparseModule(nn.Module):
     def _compiled_product(
         self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
     ) -> torch.Tensor:
-        """`_product` inside `torch.compile`: the tile kernel on the tile buffers (a whole
-        matrix on the CPU below the dense crossover), else `ops.balanced_linear`.
+        """`_product` inside `torch.compile`, choosing as the eager one does: for a whole
+        matrix on a CPU with the tile kernel, `F.linear` on the dense copy from the crossover
+        on (the cached one, else unpacked in the graph) and the tile kernel below it; else
+        `ops.balanced_linear`.
 
-        Compiled code cannot check the buffers' versions: it reads the tile copy made when
-        the weights were last filled, loaded or used eagerly (`refresh_tiles`).
+        Compiled code cannot check the buffers' versions: it reads the copies made when the
+        weights were last filled, loaded or used eagerly (`refresh_tiles`).
         """
         _, in_features, bank_size, k = self._layouts[prefix]
         tile_values = self._buffers[prefix + "tile_values"]
+        values = self._buffers[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
         batch = x.numel() // in_features
-        if (
-            rows is None
-            and tile_values.numel()
-            and x.is_cpu
-            and x.dtype == tile_values.dtype
-            and batch < self._crossovers[prefix]
-        ):
+        tiles = rows is None and tile_values.numel() and x.is_cpu and x.dtype == tile_values.dtype
+        if tiles and self.dense_fallback and batch >= self._crossovers[prefix]:
+            weight = self._buffers[prefix + "dense_weight"]
+            if not weight.numel():  # no eager call at this size yet: unpack in the graph
+                weight = unpack_balanced(values, indices, bank_size, in_features)
+            return F.linear(x, weight, bias)
+        if tiles:
             return torch.ops.bs_lightning.balanced_linear_tiled(
                 x,
                 tile_values,
@@ -248,8 +255,6 @@ class BalancedSparseModule(nn.Module):
                 self._layouts[prefix][0],
                 bias,
             )
-        values = self._buffers[prefix + "values"]
-        indices = self._buffers[prefix + "indices"]
         if rows is not None:
             values, indices = values[rows], indices[rows]
         return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
@@ -262,6 +267,8 @@ class BalancedSparseModule(nn.Module):
         """
         for prefix in self._layouts:
             self._tile_buffers(prefix)
+            if self._buffers[prefix + "dense_weight"].numel():
+                self._dense_buffer(prefix)
 
     def _plan_fits(self, plan: _TilePlan, prefix: str, x: torch.Tensor) -> bool:
         """True when `plan` is current for matrix `prefix` and input `x`."""
@@ -328,6 +335,19 @@ class BalancedSparseModule(nn.Module):
         self._kernel_cache[(prefix, None, "tiles")] = stamp
         return tile_values, tile_indices
 
+    def _dense_buffer(self, prefix: str) -> torch.Tensor:
+        """The non-persistent buffer `{prefix}dense_weight` `[out, in]`, unpacked on first use
+        (the first product past the crossover) and rebuilt when `values`/`indices` changed."""
+        values = self._buffers[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
+        stamp = ("dense", _stamp(values, indices))
+        if self._kernel_cache.get((prefix, None, "dense")) != stamp:
+            _, in_features, bank_size, _ = self._layouts[prefix]
+            weight = unpack_balanced(values, indices, bank_size, in_features)
+            self._buffers[prefix + "dense_weight"] = weight
+            self._kernel_cache[(prefix, None, "dense")] = stamp
+        return self._buffers[prefix + "dense_weight"]
+
     def _apply(self, fn, recurse=True):
         # derived copies follow the buffers' device and dtype by being rebuilt
         self._kernel_cache.clear()
@@ -377,6 +397,8 @@ class BalancedSparseModule(nn.Module):
             torch.empty(0, device=device, dtype=torch.uint8),
             persistent=False,
         )
+        # derived dense copy past the crossover (`_dense_buffer`), empty until first needed
+        self.register_buffer(prefix + "dense_weight", torch.empty(0, **empty), persistent=False)
         self._layouts[prefix] = layout
 
     def _fill_compact(self, prefix: str, values: torch.Tensor, indices: torch.Tensor) -> None:
