@@ -328,11 +328,11 @@ class BalancedSparseModule(nn.Module):
         if values.is_cpu and not values.is_meta and _tiles_built(bank_size):
             tile_values, tile_indices = ops.pack_tiles(values, indices)
             self._crossovers[prefix] = ops.dense_crossover(k, bank_size)
-        else:
+            self._kernel_cache[(prefix, None, "tiles")] = stamp
+        else:  # nothing to cache: the tile kernel does not run here
             tile_values, tile_indices = values.new_empty(0), indices.new_empty(0)
         self._buffers[prefix + "tile_values"] = tile_values
         self._buffers[prefix + "tile_indices"] = tile_indices
-        self._kernel_cache[(prefix, None, "tiles")] = stamp
         return tile_values, tile_indices
 
     def _dense_buffer(self, prefix: str) -> torch.Tensor:
