@@ -111,3 +111,29 @@ def test_compiled_graph_uses_the_dense_copy_from_the_crossover_on():
     compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["conv", "lstm", "encoder"])
+def test_conv_lstm_and_encoder_compile_fullgraph_on_the_eager_kernels(kind):
+    torch.manual_seed(0)
+    if kind == "conv":
+        model = nn.Sequential(nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(32, 32, 3, groups=2))
+        x, want = torch.randn(1, 8, 6, 6), {"balanced_linear", "balanced_linear_tiled"}
+    elif kind == "lstm":
+        model = nn.LSTM(32, 32, num_layers=2)
+        x, want = torch.randn(5, 1, 32), {"balanced_linear_tiled", "balanced_lstm_layer"}
+    else:
+        model = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+        x, want = torch.randn(1, 6, 32), {"balanced_linear_tiled"}
+    model.eval()
+    plan = prune_once_(find_prunable(model), BalancedPattern(32), 0.875)
+    model = convert_to_sparse(model, plan=plan)
+    with torch.no_grad():
+        expected = model(x)
+    # the grouped conv's second layer multiplies row slices: the row-major op
+    assert {n.rsplit(".", 1)[-1] for n in _ops_in_graph(model, x)} == want
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(model, backend="eager", fullgraph=True)(x)
+    first = (lambda out: out[0]) if kind == "lstm" else (lambda out: out)
+    torch.testing.assert_close(first(got), first(expected), rtol=1e-6, atol=1e-6)

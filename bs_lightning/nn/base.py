@@ -297,6 +297,11 @@ class BalancedSparseModule(nn.Module):
     def _cpu_tiles(self, prefix: str, x: torch.Tensor):
         """`(tile_values, tile_indices)` of matrix `prefix` when the tile kernel applies to
         inputs like `x`, else None."""
+        if torch.compiler.is_compiling():  # the tile buffers as they are (`_compiled_product`)
+            tile_values = self._buffers[prefix + "tile_values"]
+            if tile_values.numel() and x.is_cpu and x.dtype == tile_values.dtype:
+                return tile_values, self._buffers[prefix + "tile_indices"]
+            return None
         values = getattr(self, prefix + "values")
         indices = getattr(self, prefix + "indices")
         if not self._tiles_apply(x, values, self._layouts[prefix][2]):
