@@ -222,6 +222,8 @@ def _inferred(model: nn.Module, strict: bool, bank_size: int | None):
                 check_attention_converts(module, label)
             except ValueError:
                 continue  # separate q/k/v weights: nothing to read a layout from
+        if any(owner._parameters[p].numel() == 0 for owner, p in _matrices(module).values()):
+            continue  # a zero-size layer: nothing to convert
         try:
             layouts = {
                 m: _inferred_layout(owner, p, bank_size, label)

@@ -290,7 +290,10 @@ def load_sparse(
 
     state = load_file(folder / WEIGHTS_FILE)
     tied: dict[str, str] = marker.get("tied", {})
-    result = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as err:  # e.g. a layout or an in-bank index that does not fit
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not load: {err}") from err
     missing = sorted(set(result.missing_keys) - set(tied))
     if missing or result.unexpected_keys:
         raise ValueError(

@@ -32,7 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from bs_lightning import ops
-from bs_lightning.nn.format import check_bank_size, pack_balanced, unpack_balanced
+from bs_lightning.nn.format import (
+    check_bank_size,
+    check_indices,
+    pack_balanced,
+    unpack_balanced,
+)
 from bs_lightning.sparsity.masks import bank_layout
 from bs_lightning.sparsity.oneshot import prune_matrix
 from bs_lightning.sparsity.patterns import BalancedPattern
@@ -80,6 +85,10 @@ def prune_and_pack(
         check_bank_size(bank_size, matrix.shape[-1], name)
         matrix, k = prune_matrix(matrix, BalancedPattern(bank_size), sparsity, name)
     return pack_balanced(matrix, bank_size, k, name)
+
+
+# buffer name suffixes of the derived copies (`_tile_buffers`, `_dense_buffer`)
+_DERIVED = ("tile_values", "tile_indices", "dense_weight")
 
 
 def _tiles_built(bank_size: int) -> bool:
@@ -353,6 +362,16 @@ class BalancedSparseModule(nn.Module):
             self._kernel_cache[(prefix, None, "dense")] = stamp
         return self._buffers[prefix + "dense_weight"]
 
+    def __getstate__(self) -> dict:
+        # derived copies are rebuilt from values/indices on use: never pickled or deep-copied
+        state = super().__getstate__().copy()
+        state["_buffers"] = {
+            name: t.new_empty(0) if t is not None and name.endswith(_DERIVED) else t
+            for name, t in self._buffers.items()
+        }
+        state["_kernel_cache"], state["_tile_plans"], state["_crossovers"] = {}, {}, {}
+        return state
+
     def _apply(self, fn, recurse=True):
         # derived copies follow the buffers' device and dtype by being rebuilt
         self._kernel_cache.clear()
@@ -461,9 +480,19 @@ class BalancedSparseModule(nn.Module):
                     f"but this {type(self).__name__} has {layout}; build the module with the "
                     f"checkpoint's shapes, bank size and k"
                 )
+        for mat, (_, in_features, bank_size, k) in self._layouts.items():
+            incoming = state_dict.get(prefix + mat + "indices")
+            if mismatched or incoming is None or incoming.is_meta:
+                continue
+            try:
+                where = f"{layer}.{mat.rstrip('_')}" if mat else layer
+                check_indices(torch.as_tensor(incoming), bank_size, in_features, k, where)
+            except ValueError as err:
+                mismatched = True
+                errors.append(str(err))
         if mismatched:
-            # copy nothing into this layer: same-shaped tensors of another bank layout
-            # would silently compute something else
+            # copy nothing into this layer: same-shaped tensors of another bank layout, or
+            # indices past their banks, would silently compute something else
             return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors

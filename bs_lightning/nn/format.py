@@ -25,6 +25,7 @@ __all__ = [
     "MAX_BANK_SIZE",
     "bank_counts",
     "check_bank_size",
+    "check_indices",
     "infer_bank_layout",
     "infer_keep_count",
     "pack_balanced",
@@ -266,6 +267,43 @@ def pack_balanced(
         values.reshape(rows, n_banks * k).contiguous(),
         chosen.to(torch.uint8).reshape(rows, n_banks * k).contiguous(),
         k,
+    )
+
+
+def check_indices(
+    indices: torch.Tensor, bank_size: int, in_features: int, k: int, name: str | None = None
+) -> None:
+    """Checks that every in-bank index stays inside its bank (once, at load time).
+
+    Entry `j` of a row belongs to bank `j // k`; a full bank has `bank_size` columns, the
+    short last bank `in_features % bank_size`. The compiled kernels read indices unchecked,
+    so an index past its bank would give wrong numbers (never an out-of-bounds read).
+
+    Args:
+        indices: `[out, n_banks * k]`, any integer dtype.
+        bank_size: columns per bank.
+        in_features: columns of the dense matrix.
+        k: entries per bank.
+        name: layer name used in the error message.
+
+    Raises:
+        ValueError: naming the layer, the first bad row and entry, the bad value and the
+            valid range.
+    """
+    width = indices.shape[-1]
+    # columns of the bank each entry belongs to: bank_size, the last bank possibly fewer
+    bank_start = torch.arange(width, device=indices.device) // k * bank_size
+    limit = (in_features - bank_start).clamp(max=bank_size)  # [width]
+    bad = indices.long() >= limit
+    if not bool(bad.any()):
+        return
+    row, entry = (int(v) for v in bad.nonzero()[0])
+    value, valid = int(indices[row, entry]), int(limit[entry])
+    what = "a short last bank" if valid < bank_size else "a bank"
+    raise ValueError(
+        f"indices{_where(name)}: row {row}, entry {entry} holds in-bank index {value}, past "
+        f"{what} of {valid} columns (valid 0..{valid - 1}, bank_size={bank_size}, "
+        f"in_features={in_features})"
     )
 
 

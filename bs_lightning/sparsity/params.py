@@ -16,6 +16,7 @@ Biases, norms and embeddings are never prunable here.
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -92,7 +93,7 @@ def matrix_view(
         )
     if is_transposed(module):
         return t.t()
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: a 0-row weight has no -1
 
 
 def matrix_to_param(module: nn.Module, param_name: str, matrix: torch.Tensor) -> torch.Tensor:
@@ -123,11 +124,13 @@ def default_prunable_names(module: nn.Module) -> list[str]:
         names = ["in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
     else:
         return []
-    # lazy (uninitialized) parameters have no shape yet and cannot be pruned
+    # lazy (uninitialized) parameters have no shape yet, empty ones nothing to prune
     return [
         n
         for n in names
-        if n in own and not isinstance(module._parameters[n], nn.parameter.UninitializedParameter)
+        if n in own
+        and not isinstance(module._parameters[n], nn.parameter.UninitializedParameter)
+        and module._parameters[n].numel()
     ]
 
 
@@ -186,6 +189,7 @@ def find_prunable(
       parameter with >= 2 dimensions (an embedding) whose full name an include glob matches
       and ends with its parameter name (`"embed.weight"`, `"*.weight"`).
     - `exclude` globs remove parameters from the selection.
+    - Parameters with no elements (`nn.Linear(16, 0)`) are never selected: nothing to prune.
     - Shared (tied) parameters count once, as their first name (a GPT-2 head tied to the
       token embedding is an embedding: not pruned unless asked).
     - Every glob must select (include) or remove (exclude) something, and the selection must
@@ -226,7 +230,11 @@ def find_prunable(
             order[entry.name] = len(order)
             if param_name in prunable:
                 by_type.append(entry)
-            elif param.dim() >= 2 and not isinstance(param, nn.parameter.UninitializedParameter):
+            elif (
+                param.dim() >= 2
+                and not isinstance(param, nn.parameter.UninitializedParameter)
+                and param.numel()
+            ):
                 other.append(entry)
     if not by_type and not other:
         raise ValueError(f"{type(model).__name__} has no parameter with >= 2 dimensions to prune")

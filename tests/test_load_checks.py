@@ -1,0 +1,102 @@
+"""Checks made once at load time: in-bank indices, zero-size layers, what pickling keeps."""
+
+import io
+
+import pytest
+import torch
+from helpers import tiny_bert
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from bs_lightning import convert_to_sparse
+from bs_lightning.hf import load_sparse, prune_and_convert, save_sparse
+from bs_lightning.hf.io import WEIGHTS_FILE
+from bs_lightning.nn import BalancedSparseLinear, BalancedSparseLSTM
+from bs_lightning.nn.format import check_indices
+from bs_lightning.sparsity import find_prunable
+
+
+def _layer(in_features=16, bank=8, sparsity=0.5):
+    torch.manual_seed(0)
+    return BalancedSparseLinear.from_dense(nn.Linear(in_features, 4), bank, sparsity=sparsity)
+
+
+@pytest.mark.parametrize(
+    ("in_features", "entry", "value", "match"),
+    [
+        (
+            16,
+            1,
+            200,
+            r"row 2, entry 1 holds in-bank index 200, past a bank of 8 columns \(valid 0..7",
+        ),
+        # inside the row (column 9 < 16) but past bank 0: as wrong as past the row
+        (16, 0, 9, r"row 2, entry 0 holds in-bank index 9, past a bank of 8 columns"),
+        # the short last bank of a 20-column row has 4 columns
+        (20, 9, 5, r"row 2, entry 9 holds in-bank index 5, past a short last bank of 4 columns"),
+    ],
+)
+def test_bad_index_in_a_state_dict_raises_and_copies_nothing(in_features, entry, value, match):
+    layer = _layer(in_features)
+    state = layer.state_dict()
+    state["indices"] = state["indices"].clone()
+    state["indices"][2, entry] = value
+    fresh = BalancedSparseLinear(in_features, 4, 8, layer.k)
+    before = fresh.values.clone()
+    with pytest.raises(RuntimeError, match=r"indices of layer 'BalancedSparseLinear': " + match):
+        fresh.load_state_dict(state)
+    assert torch.equal(fresh.values, before)
+
+
+def test_lstm_names_the_matrix():
+    torch.manual_seed(0)
+    lstm = BalancedSparseLSTM.from_dense(nn.LSTM(16, 8), 8, sparsity=0.5)
+    state = lstm.state_dict()
+    state["weight_hh_l0_indices"] = state["weight_hh_l0_indices"].clone()
+    state["weight_hh_l0_indices"][0, 0] = 8
+    model = nn.ModuleDict({"rnn": BalancedSparseLSTM(16, 8, 8, 4)})
+    with pytest.raises(RuntimeError, match=r"indices of layer 'rnn.weight_hh_l0': row 0, entry 0"):
+        model.load_state_dict({f"rnn.{k}": v for k, v in state.items()})
+
+
+def test_saved_folder_with_a_bad_index_does_not_load(tmp_path):
+    model = prune_and_convert(tiny_bert(), 0.5, bank_size=8)
+    save_sparse(model, tmp_path)
+    state = load_file(tmp_path / WEIGHTS_FILE)
+    key = "encoder.layer.0.attention.self.query.indices"
+    state[key][0, 3] = 200
+    save_file(state, tmp_path / WEIGHTS_FILE, metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)model.safetensors does not load: .*layer 'encoder.layer.0.attention.self.query': "
+        r"row 0, entry 3 holds in-bank index 200",
+    ):
+        load_sparse(tmp_path)
+
+
+def test_check_indices_accepts_packed_indices():
+    layer = _layer(20)
+    check_indices(layer.indices, 8, 20, layer.k)  # no error
+
+
+def test_zero_size_layers_are_skipped_cleanly():
+    model = nn.Sequential(nn.Linear(16, 0), nn.Linear(0, 8), nn.Linear(16, 8))
+    assert [p.name for p in find_prunable(model)] == ["2.weight"]
+    with torch.no_grad():
+        model[2].weight.mul_(torch.arange(16) % 2 == 0)  # 1 of every 2 kept: balanced
+    convert_to_sparse(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.Linear
+    assert type(model[2]) is BalancedSparseLinear
+
+
+def test_pickling_keeps_no_derived_copies():
+    layer = _layer()
+    layer(torch.randn(2, 16))  # builds the tile copy (where the kernel runs)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.tile_values.numel() == 0 and loaded.dense_weight.numel() == 0
+    assert not loaded._kernel_cache and not loaded._tile_plans
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(loaded(x), layer(x))
