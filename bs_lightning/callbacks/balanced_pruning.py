@@ -306,6 +306,13 @@ class BalancedPruningCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
+    @override
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        # a failed fit must not leave mask hooks on the user's optimizers
+        self._remove_hooks()
+
     # ---------------------------------------------------------------- state
 
     @property
@@ -383,12 +390,27 @@ class BalancedPruningCallback(Callback):
                     f"checkpoint mask for {name!r} has shape {tuple(item['shape'])}, the "
                     f"parameter has {tuple(layer.entry.param.shape)}"
                 )
+            if item["keep"] < layer.keep_final:
+                raise ValueError(
+                    f"checkpoint keeps {item['keep']} units per {self.pattern.unit_label!r} in "
+                    f"{name!r}, fewer than this callback's target sparsity {layer.final} keeps "
+                    f"({layer.keep_final}); the keep-count never goes up: resume with a "
+                    f"sparsity at least the checkpoint's"
+                )
+        saved_end = state.get("end_step")
+        if self.end_step is not None and saved_end is not None and self.end_step != saved_end:
+            raise ValueError(
+                f"checkpoint was pruned with end_step={saved_end} but this callback has "
+                f"end_step={self.end_step}; resume with end_step={saved_end} or None"
+            )
+        for name, layer in self.layers.items():
+            item = saved[name]
             layer.keep = item["keep"]
             if item["mask"] is not None:
                 layer.mask = item["mask"].to(layer.entry.param.device)
         self.last_pruned_step = state.get("last_pruned_step")
-        if state.get("end_step") is not None:
-            self._resolved_end = state["end_step"]
+        if saved_end is not None:
+            self._resolved_end = saved_end
 
     # ---------------------------------------------------------------- pruning
 
@@ -431,6 +453,12 @@ class BalancedPruningCallback(Callback):
                 self.initial_sparsity,
             )
             matrix = layer.entry.matrix()
+            if not bool(torch.isfinite(matrix).all()):
+                raise ValueError(
+                    f"BalancedPruningCallback: {layer.entry.name!r} has NaN or inf weights at "
+                    f"step {step}; masks ranked on them would be arbitrary (lower the learning "
+                    f"rate or clip gradients)"
+                )
             keep = layer.units if s_t == 0.0 else self.pattern.keep(matrix, s_t, layer.entry.name)
             keep = max(layer.keep_final, min(layer.keep, keep))
             if keep == layer.keep:

@@ -190,8 +190,8 @@ def find_prunable(
       and ends with its parameter name (`"embed.weight"`, `"*.weight"`).
     - `exclude` globs remove parameters from the selection.
     - Parameters with no elements (`nn.Linear(16, 0)`) are never selected: nothing to prune.
-    - Shared (tied) parameters count once, as their first name (a GPT-2 head tied to the
-      token embedding is an embedding: not pruned unless asked).
+    - Shared (tied) parameters count once, as their first name; one that any owner does not
+      prune by type (a head tied to the token embedding) is pruned only when asked.
     - Every glob must select (include) or remove (exclude) something, and the selection must
       not be empty.
 
@@ -215,6 +215,14 @@ def find_prunable(
     other: list[PrunableParam] = []
     seen: set[int] = set()
     order: dict[str, int] = {}  # full name -> position in named_modules order
+    # a weight tied to a module that does not prune it by type (a Linear head sharing an
+    # Embedding's weight) is pruned only when asked, whichever owner comes first
+    tied_other = {
+        id(p)
+        for m in model.modules()
+        for n, p in m._parameters.items()
+        if p is not None and n not in default_prunable_names(m)
+    }
     for module_name, module in model.named_modules():
         prunable = set(default_prunable_names(module))
         for param_name, param in module._parameters.items():
@@ -228,7 +236,7 @@ def find_prunable(
                 module,
             )
             order[entry.name] = len(order)
-            if param_name in prunable:
+            if param_name in prunable and id(param) not in tied_other:
                 by_type.append(entry)
             elif (
                 param.dim() >= 2

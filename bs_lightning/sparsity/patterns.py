@@ -19,6 +19,7 @@ strings.
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ from bs_lightning.sparsity.pattern_masks import (
     units_to_keep,
     unstructured_mask_k,
 )
-from bs_lightning.validation import check_int, check_sparsity
+from bs_lightning.validation import MAX_BANK_SIZE, check_int, check_sparsity
 from bs_lightning.validation import where as _where
 
 __all__ = [
@@ -46,6 +47,15 @@ __all__ = [
     "make_pattern",
     "pattern_from_dict",
 ]
+
+
+def _check_convertible(bank: int, param: str) -> None:
+    """Banks of a converting pattern are stored with uint8 in-bank indices."""
+    if bank > MAX_BANK_SIZE:
+        raise ValueError(
+            f"{param}={bank} is more than {MAX_BANK_SIZE}: a converted layer stores in-bank "
+            f"indices as uint8; use {param} <= {MAX_BANK_SIZE} (or an unstructured pattern)"
+        )
 
 
 def _row_length(matrix: torch.Tensor) -> int:
@@ -145,6 +155,7 @@ class BalancedPattern(Pattern):
 
     def __post_init__(self):
         check_int(self.bank_size, "bank_size")
+        _check_convertible(self.bank_size, "bank_size")
 
     def units(self, matrix: torch.Tensor) -> int:
         return self.bank_size
@@ -159,7 +170,12 @@ class BalancedPattern(Pattern):
 
     def check_target(self, sparsity: float, name: str | None = None) -> float:
         s = check_sparsity(sparsity, name)
-        keep_count(self.bank_size, s, name)
+        if s > 0 and keep_count(self.bank_size, s, name) == self.bank_size:
+            warnings.warn(
+                f"sparsity {s}{_where(name)} at bank {self.bank_size} prunes nothing: "
+                f"round({self.bank_size} * (1 - {s})) = {self.bank_size} keeps every weight",
+                stacklevel=3,
+            )
         return s
 
     def compact_layout(self, keep: int) -> tuple[int, int] | None:
@@ -188,6 +204,7 @@ class NMPattern(Pattern):
 
     def __post_init__(self):
         check_int(self.m, "m")
+        _check_convertible(self.m, "m")
         if isinstance(self.n, bool) or not isinstance(self.n, int) or not 1 <= self.n <= self.m:
             raise ValueError(f"n must be an integer in [1, m={self.m}], got {self.n!r}")
 
