@@ -1,6 +1,7 @@
 """Checks made once at load time: in-bank indices, zero-size layers, what pickling keeps."""
 
 import io
+import json
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch import nn
 
 from bs_lightning import convert_to_sparse
 from bs_lightning.hf import load_sparse, prune_and_convert, save_sparse
-from bs_lightning.hf.io import WEIGHTS_FILE
+from bs_lightning.hf.io import MARKER_FILE, WEIGHTS_FILE
 from bs_lightning.nn import BalancedSparseLinear, BalancedSparseLSTM
 from bs_lightning.nn.format import check_indices
 from bs_lightning.sparsity import find_prunable
@@ -100,3 +101,42 @@ def test_pickling_keeps_no_derived_copies():
     assert not loaded._kernel_cache and not loaded._tile_plans
     x = torch.randn(3, 16)
     torch.testing.assert_close(loaded(x), layer(x))
+
+
+def _saved(tmp_path):
+    return save_sparse(prune_and_convert(tiny_bert(), 0.5, bank_size=8), tmp_path / "saved")
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        ("truncate", ValueError, r"model.safetensors is not a readable safetensors file"),
+        ("invalid_json", ValueError, r"bs_lightning_sparse.json is not valid JSON"),
+        ("missing_key", ValueError, r"bs_lightning_sparse.json misses the keys \['dtype'\]"),
+        ("dtype", ValueError, r"bs_lightning_sparse.json has dtype 'int8'; valid: a floating"),
+        (
+            "class",
+            ValueError,
+            r"model_class 'GPT2Model', which takes a GPT2Config, but .*BertConfig",
+        ),
+        ("no_weights", FileNotFoundError, r"model.safetensors not found"),
+    ],
+)
+def test_damaged_folder_names_the_file(tmp_path, damage, error, match):
+    folder = _saved(tmp_path)
+    marker_path, weights = folder / MARKER_FILE, folder / WEIGHTS_FILE
+    marker = json.loads(marker_path.read_text())
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "invalid_json":
+        marker_path.write_text("{not json")
+    elif damage == "missing_key":
+        del marker["dtype"]
+        marker_path.write_text(json.dumps(marker))
+    elif damage in ("dtype", "class"):
+        marker.update({"dtype": "int8"} if damage == "dtype" else {"model_class": "GPT2Model"})
+        marker_path.write_text(json.dumps(marker))
+    else:
+        weights.unlink()
+    with pytest.raises(error, match=match):
+        load_sparse(folder)

@@ -46,6 +46,8 @@ __all__ = [
 ]
 
 MARKER_FILE = "bs_lightning_sparse.json"
+# keys load_sparse reads from the marker
+_MARKER_KEYS = ("model_class", "dtype", "sparse_layers")
 WEIGHTS_FILE = "model.safetensors"
 # 2 adds the sparsity plan; version 1 folders still load (their plan is read off the layers)
 FORMAT_VERSION = 2
@@ -210,7 +212,12 @@ def _read_marker(folder: Path) -> dict:
             f"{marker_path} not found: {folder} is not a folder written by "
             f"bs_lightning.hf.save_sparse"
         )
-    marker = json.loads(marker_path.read_text())
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{marker_path} is not valid JSON: {err}") from err
+    if not isinstance(marker, dict):
+        raise ValueError(f"{marker_path} must hold a JSON object, got {type(marker).__name__}")
     if marker.get("format") != "bs_lightning.sparse" or marker.get("format_version") not in (
         range(1, FORMAT_VERSION + 1)
     ):
@@ -219,7 +226,30 @@ def _read_marker(folder: Path) -> dict:
             f"{marker.get('format_version')!r}; this bs_lightning reads "
             f"'bs_lightning.sparse' versions 1..{FORMAT_VERSION}"
         )
+    missing = [key for key in _MARKER_KEYS if key not in marker]
+    if missing:
+        raise ValueError(f"{marker_path} misses the keys {missing}; was it written by save_sparse?")
     return marker
+
+
+def _dtype(marker: dict, folder: Path) -> torch.dtype:
+    dtype = getattr(torch, str(marker["dtype"]), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(
+            f"{folder / MARKER_FILE} has dtype {marker['dtype']!r}; valid: a floating torch "
+            f"dtype such as 'float32', 'float16', 'bfloat16'"
+        )
+    return dtype
+
+
+def _load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the folder misses its weights")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own error type for a corrupt file
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
 
 
 def _model_class(name: str) -> type[transformers.PreTrainedModel]:
@@ -263,15 +293,23 @@ def load_sparse(
         its sparsity plan is recorded for it (`SparsityPlan.recorded(model)`).
 
     Raises:
-        FileNotFoundError: when the folder has no marker file.
-        ValueError: when the marker has an unknown format, model class or layer type, or the
-            weights file does not match the rebuilt architecture.
+        FileNotFoundError: when the folder has no marker or weights file.
+        ValueError: naming the file, when the marker is not valid JSON, misses keys, has an
+            unknown format, dtype, model class (or one its config does not fit) or layer type,
+            or the weights file is unreadable or does not fit the rebuilt architecture (shapes,
+            layouts, in-bank indices).
     """
     folder = Path(path)
     marker = _read_marker(folder)
     cls = _model_class(marker["model_class"])
-    dtype = getattr(torch, marker["dtype"])
+    dtype = _dtype(marker, folder)
     config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    if cls.config_class is not None and not isinstance(config, cls.config_class):
+        raise ValueError(
+            f"{folder / MARKER_FILE} names model_class {marker['model_class']!r}, which takes a "
+            f"{cls.config_class.__name__}, but {folder / 'config.json'} is a "
+            f"{type(config).__name__}"
+        )
     with _linear_like_on_meta():
         model = cls._from_config(config, dtype=dtype)
     for name, entry in marker["sparse_layers"].items():
@@ -288,7 +326,7 @@ def load_sparse(
             )
         replace_submodule(model, name, _build_sparse(name, entry, dtype))
 
-    state = load_file(folder / WEIGHTS_FILE)
+    state = _load_weights(folder)
     tied: dict[str, str] = marker.get("tied", {})
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
