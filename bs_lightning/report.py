@@ -20,6 +20,8 @@ from bs_lightning.sparsity.patterns import Pattern, make_pattern, pattern_from_d
 from bs_lightning.validation import is_dense_target
 
 METRICS_FILE = "metrics.json"
+# keys of a run's metrics.json the aggregation reads
+_RUN_KEYS = ("pattern", "sparsity", "metric_name", "pruned", "latency")
 PLOT_FILE = "accuracy_vs_speedup.png"
 
 
@@ -90,13 +92,20 @@ def load_runs(root: str | Path) -> list[dict]:
 
     Raises:
         FileNotFoundError: if `root` is not a folder or holds no metrics.json.
+        ValueError: naming the file, when a metrics.json is not valid JSON or misses keys.
     """
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"bs-report: {root} is not a folder")
     runs = []
     for path in sorted(root.rglob(METRICS_FILE)):
-        run = json.loads(path.read_text())
+        try:
+            run = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"bs-report: {path} is not valid JSON: {err}") from err
+        missing = [k for k in _RUN_KEYS if not isinstance(run, dict) or k not in run]
+        if missing:
+            raise ValueError(f"bs-report: {path} misses {missing}; is it a bs-train metrics.json?")
         run["dir"] = str(path.parent.relative_to(root))
         runs.append(run)
     if not runs:

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from helpers import tiny_bert
+from helpers.hf_fakes import write_tiny_bert
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -140,3 +141,32 @@ def test_damaged_folder_names_the_file(tmp_path, damage, error, match):
         weights.unlink()
     with pytest.raises(error, match=match):
         load_sparse(folder)
+
+
+def test_convert_cli_refuses_bad_paths_in_one_line(tmp_path):
+    from bs_lightning.hf.cli import convert_cli
+
+    folder = _saved(tmp_path)
+    common = ["--sparsity", "0.5", "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=r"^bs-convert-hf: --model .* is already a sparse folder"):
+        convert_cli(["--model", str(folder), *common])
+    with pytest.raises(
+        SystemExit, match=r"^bs-convert-hf: --model .*nowhere is not a model folder"
+    ):
+        convert_cli(["--model", str(tmp_path / "nowhere"), *common])
+    (tmp_path / "taken").write_text("x")
+    out = ["--sparsity", "0.5", "--out", str(tmp_path / "taken")]
+    with pytest.raises(SystemExit, match=r"^bs-convert-hf: --out .*taken is an existing file"):
+        convert_cli(["--model", str(write_tiny_bert(tmp_path / "bert")), *out])
+
+
+def test_report_names_a_malformed_metrics_file(tmp_path, capsys):
+    from bs_lightning.report import main as report_main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text("{broken")
+    assert report_main([str(tmp_path)]) == 2
+    assert "run/metrics.json is not valid JSON" in capsys.readouterr().err
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({"pattern": "balanced"}))
+    assert report_main([str(tmp_path)]) == 2
+    assert "run/metrics.json misses ['sparsity'" in capsys.readouterr().err

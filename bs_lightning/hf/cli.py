@@ -23,7 +23,7 @@ from torch import nn
 
 from bs_lightning.bench.timing import measure_latency
 from bs_lightning.convert import densify
-from bs_lightning.hf.io import dedupe_state, save_sparse, sparse_layers
+from bs_lightning.hf.io import MARKER_FILE, dedupe_state, save_sparse, sparse_layers
 from bs_lightning.hf.loading import load_pretrained
 from bs_lightning.hf.prune import prune_and_convert
 
@@ -99,6 +99,21 @@ def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """One-line errors for paths that cannot work, before anything is loaded."""
+    model = Path(args.model)
+    if (model / MARKER_FILE).is_file():
+        raise SystemExit(
+            f"bs-convert-hf: --model {args.model} is already a sparse folder (written by "
+            f"save_sparse); load it with bs_lightning.hf.load_sparse"
+        )
+    looks_local = args.model.startswith((".", "/", "~")) or model.exists()
+    if looks_local and not model.is_dir():
+        raise SystemExit(f"bs-convert-hf: --model {args.model} is not a model folder")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise SystemExit(f"bs-convert-hf: --out {args.out} is an existing file, not a folder")
+
+
 def convert_cli(argv: Sequence[str] | None = None) -> dict:
     """Runs `bs-convert-hf` with `argv` (default `sys.argv[1:]`).
 
@@ -109,10 +124,12 @@ def convert_cli(argv: Sequence[str] | None = None) -> dict:
         SystemExit: for bad arguments or a model that cannot be pruned and converted.
     """
     args = _parser().parse_args(argv)
+    _check_paths(args)
     try:
         model, path = load_pretrained(args.model, args.model_class, DTYPES[args.dtype])
-    except ValueError as err:
-        raise SystemExit(f"bs-convert-hf: {err}") from err
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"bs-convert-hf: cannot load --model {args.model}: {first}") from err
     config = model.config
     before = _bytes(model)
     try:
