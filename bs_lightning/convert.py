@@ -62,7 +62,7 @@ _EXACT_TYPES = {
     nn.LSTM: BalancedSparseLSTM,
     nn.MultiheadAttention: BalancedSparseMultiheadAttention,
 }
-# modules whose dense weights a fused inference path reads
+# converted modules: torch's fused paths cannot read their (compact) weights
 _SPARSE_CHILDREN = (BalancedSparseModule, BalancedSparseMultiheadAttention)
 
 

@@ -46,23 +46,17 @@ def check_int(
     return value
 
 
-def check_bank_size(bank_size: Any, name: str | None = None, compact: bool = True) -> int:
-    """Validates a bank size: in [1, 256] when the pattern is stored compactly, else >= 1.
+def check_bank_size(bank_size: Any, name: str | None = None) -> int:
+    """Validates the bank size of a compact matrix: in [1, 256] (in-bank indices are uint8).
 
     Args:
         bank_size: columns per bank.
         name: layer name used in the error message.
-        compact: True when the bank is stored with uint8 in-bank indices (converted layers).
 
     Raises:
-        ValueError: when `bank_size` is not an integer in the valid range.
+        ValueError: when `bank_size` is not an integer in [1, 256].
     """
-    if compact and isinstance(bank_size, int) and bank_size > MAX_BANK_SIZE:
-        raise ValueError(
-            f"bank_size{where(name)} must be an integer in [1, {MAX_BANK_SIZE}] (in-bank "
-            f"indices are uint8), got {bank_size!r}"
-        )
-    return check_int(bank_size, "bank_size", 1, MAX_BANK_SIZE if compact else None, name)
+    return check_int(bank_size, "bank_size", 1, MAX_BANK_SIZE, name)
 
 
 def check_sparsity(sparsity: Any, name: str | None = None) -> float:

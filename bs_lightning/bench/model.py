@@ -27,6 +27,7 @@ repository (`~/bs-lightning-results/model-<name>-<date>`).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime as dt
 import sys
 import time
@@ -40,6 +41,7 @@ from bs_lightning.bench.device import load_average, machine_description
 from bs_lightning.bench.results import write_result
 from bs_lightning.bench.timing import measure_latency
 from bs_lightning.convert import conversion_report, convert_to_sparse, densify
+from bs_lightning.hf.loading import main_output
 from bs_lightning.sparsity import SparsityPlan
 
 PLOT_FILE = "speedup_vs_sparsity.png"
@@ -69,17 +71,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _first_tensor(out) -> torch.Tensor:
-    """The main output of a forward pass (HF `last_hidden_state`/`logits`, a tuple's first)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return value
-    return out[0]
-
-
 def _hf_pairs(args) -> Iterator[tuple[float, nn.Module, nn.Module, SparsityPlan | None]]:
     """`(sparsity, dense, converted, plan)` for an HF source, one per sparsity."""
     from bs_lightning.hf import load_sparse, prune_and_convert
@@ -99,7 +90,7 @@ def _hf_pairs(args) -> Iterator[tuple[float, nn.Module, nn.Module, SparsityPlan 
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SystemExit(f"bs-bench model: cannot load {args.source} as a model: {first}") from err
     for sparsity in args.sparsities or DEFAULT_SPARSITIES:
-        converted = prune_and_convert(densify(dense), sparsity, args.bank_size).eval()
+        converted = prune_and_convert(copy.deepcopy(dense), sparsity, args.bank_size).eval()
         # the baseline holds the same (pruned) weights on dense kernels: equal outputs
         yield sparsity, densify(converted).eval(), converted, SparsityPlan.recorded(converted)
 
@@ -269,8 +260,8 @@ def main(argv=None) -> int:
                     try:
                         with torch.inference_mode():
                             diff = (
-                                _first_tensor(models[1](x)).float()
-                                - _first_tensor(models[0](x)).float()
+                                main_output(models[1](x)).float()
+                                - main_output(models[0](x)).float()
                             )
                         row["max_abs_diff"] = diff.abs().max().item()
                         row.update(_measure(*models, x, args))

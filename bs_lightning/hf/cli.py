@@ -24,7 +24,7 @@ from torch import nn
 from bs_lightning.bench.timing import measure_latency
 from bs_lightning.convert import densify
 from bs_lightning.hf.io import MARKER_FILE, dedupe_state, save_sparse, sparse_layers
-from bs_lightning.hf.loading import load_pretrained
+from bs_lightning.hf.loading import load_pretrained, main_output
 from bs_lightning.hf.prune import prune_and_convert
 
 DTYPES = {
@@ -65,14 +65,6 @@ def _parser() -> argparse.ArgumentParser:
 def _bytes(model: nn.Module) -> int:
     state, _ = dedupe_state(model.state_dict())
     return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _main_output(out) -> torch.Tensor:
-    for key in ("logits", "last_hidden_state"):
-        value = getattr(out, key, None)
-        if value is not None:
-            return value
-    return out[0]
 
 
 def _layer_rows(model: nn.Module) -> list[dict]:
@@ -145,8 +137,8 @@ def convert_cli(argv: Sequence[str] | None = None) -> dict:
     gen = torch.Generator().manual_seed(0)
     x = torch.randint(config.vocab_size, (args.batch_size, args.seq_len), generator=gen)
     with torch.inference_mode():
-        sparse_y = _main_output(model.to(device)(x.to(device)))
-        dense_y = _main_output(dense.to(device)(x.to(device)))
+        sparse_y = main_output(model.to(device)(x.to(device)))
+        dense_y = main_output(dense.to(device)(x.to(device)))
         diff = (sparse_y.float() - dense_y.float()).abs().max().item()
     ms = measure_latency({"dense": dense, "sparse": model}, x, device, args.warmup, args.repeats)
 

@@ -7,7 +7,7 @@ import transformers
 
 from bs_lightning.hf.paths import resolve_model_path
 
-__all__ = ["load_pretrained", "model_class"]
+__all__ = ["load_pretrained", "main_output", "model_class"]
 
 
 def model_class(config: transformers.PretrainedConfig, name: str | None = None) -> type:
@@ -24,6 +24,18 @@ def model_class(config: transformers.PretrainedConfig, name: str | None = None) 
         if name:
             raise ValueError(f"--model-class {name!r} is not a transformers model class")
     return transformers.AutoModel
+
+
+def main_output(out) -> torch.Tensor:
+    """The main output of a forward pass: a tensor as is, a transformers output's `logits` or
+    `last_hidden_state`, else the first element (`(logits, state)` of the recipes' LMs)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    for key in ("logits", "last_hidden_state"):
+        value = getattr(out, key, None)
+        if value is not None:
+            return value
+    return out[0]
 
 
 def load_pretrained(

@@ -244,29 +244,30 @@ class BalancedSparseModule(nn.Module):
         weights were last filled, loaded or used eagerly (`refresh_tiles`).
         """
         _, in_features, bank_size, k = self._layouts[prefix]
-        tile_values = self._buffers[prefix + "tile_values"]
         values = self._buffers[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
-        batch = x.numel() // in_features
-        tiles = rows is None and tile_values.numel() and x.is_cpu and x.dtype == tile_values.dtype
-        if tiles and self.dense_fallback and batch >= self._crossovers[prefix]:
-            weight = self._buffers[prefix + "dense_weight"]
-            if not weight.numel():  # no eager call at this size yet: unpack in the graph
-                weight = unpack_balanced(values, indices, bank_size, in_features)
-            return F.linear(x, weight, bias)
-        if tiles:
+        tiles = None if rows is not None else self._compiled_tiles(prefix, x)
+        if tiles is not None and self.dense_fallback:
+            if x.numel() // in_features >= self._crossovers[prefix]:
+                weight = self._buffers[prefix + "dense_weight"]
+                if not weight.numel():  # no eager call at this size yet: unpack in the graph
+                    weight = unpack_balanced(values, indices, bank_size, in_features)
+                return F.linear(x, weight, bias)
+        if tiles is not None:
             return torch.ops.bs_lightning.balanced_linear_tiled(
-                x,
-                tile_values,
-                self._buffers[prefix + "tile_indices"],
-                bank_size,
-                in_features,
-                self._layouts[prefix][0],
-                bias,
+                x, *tiles, bank_size, in_features, self._layouts[prefix][0], bias
             )
         if rows is not None:
             values, indices = values[rows], indices[rows]
         return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
+
+    def _compiled_tiles(self, prefix: str, x: torch.Tensor):
+        """Inside `torch.compile`: the tile buffers of matrix `prefix` when the tile kernel
+        runs for inputs like `x` (they are empty where it does not run), else None."""
+        tile_values = self._buffers[prefix + "tile_values"]
+        if tile_values.numel() and x.is_cpu and x.dtype == tile_values.dtype:
+            return tile_values, self._buffers[prefix + "tile_indices"]
+        return None
 
     def refresh_tiles(self) -> None:
         """Rebuilds the CPU tile copies of every compact matrix from `values`/`indices`.
@@ -306,11 +307,8 @@ class BalancedSparseModule(nn.Module):
     def _cpu_tiles(self, prefix: str, x: torch.Tensor):
         """`(tile_values, tile_indices)` of matrix `prefix` when the tile kernel applies to
         inputs like `x`, else None."""
-        if torch.compiler.is_compiling():  # the tile buffers as they are (`_compiled_product`)
-            tile_values = self._buffers[prefix + "tile_values"]
-            if tile_values.numel() and x.is_cpu and x.dtype == tile_values.dtype:
-                return tile_values, self._buffers[prefix + "tile_indices"]
-            return None
+        if torch.compiler.is_compiling():
+            return self._compiled_tiles(prefix, x)
         values = getattr(self, prefix + "values")
         indices = getattr(self, prefix + "indices")
         if not self._tiles_apply(x, values, self._layouts[prefix][2]):
@@ -332,17 +330,13 @@ class BalancedSparseModule(nn.Module):
         when `values`/`indices` changed; empty where the tile kernel does not run."""
         values = self._buffers[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
-        tile_values = self._buffers[prefix + "tile_values"]
-        tile_indices = self._buffers[prefix + "tile_indices"]
-        stamp = ("tiles", _stamp(values, indices))
-        if self._kernel_cache.get((prefix, None, "tiles")) == stamp:
-            return tile_values, tile_indices
         _, _, bank_size, k = self._layouts[prefix]
         # the compiled path checks these two conditions through the buffers' size
         if values.is_cpu and not values.is_meta and _tiles_built(bank_size):
-            tile_values, tile_indices = ops.pack_tiles(values, indices)
+            tile_values, tile_indices = self._derived(
+                (prefix, None, "tiles"), values, indices, lambda: ops.pack_tiles(values, indices)
+            )
             self._crossovers[prefix] = ops.dense_crossover(k, bank_size)
-            self._kernel_cache[(prefix, None, "tiles")] = stamp
         else:  # nothing to cache: the tile kernel does not run here
             tile_values, tile_indices = values.new_empty(0), indices.new_empty(0)
         self._buffers[prefix + "tile_values"] = tile_values
@@ -354,13 +348,15 @@ class BalancedSparseModule(nn.Module):
         (the first product past the crossover) and rebuilt when `values`/`indices` changed."""
         values = self._buffers[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
-        stamp = ("dense", _stamp(values, indices))
-        if self._kernel_cache.get((prefix, None, "dense")) != stamp:
-            _, in_features, bank_size, _ = self._layouts[prefix]
-            weight = unpack_balanced(values, indices, bank_size, in_features)
-            self._buffers[prefix + "dense_weight"] = weight
-            self._kernel_cache[(prefix, None, "dense")] = stamp
-        return self._buffers[prefix + "dense_weight"]
+        _, in_features, bank_size, _ = self._layouts[prefix]
+        weight = self._derived(
+            (prefix, None, "dense"),
+            values,
+            indices,
+            lambda: unpack_balanced(values, indices, bank_size, in_features),
+        )
+        self._buffers[prefix + "dense_weight"] = weight
+        return weight
 
     def __getstate__(self) -> dict:
         # derived copies are rebuilt from values/indices on use: never pickled or deep-copied

@@ -234,8 +234,3 @@ class SparsityPlan:
                 if module is model and name:
                     return root_plan.rooted_at(name)
         return None
-
-    @staticmethod
-    def forget(model: nn.Module) -> None:
-        """Drops the plan recorded for `model` (no error when there is none)."""
-        _RECORDED.pop(model, None)
