@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from bs_lightning import _build
-from bs_lightning.sparsity.masks import bank_layout, topk_mask_lastdim
 
 __all__ = [
     "TILE_ROWS",
@@ -454,71 +453,6 @@ def _register_fake() -> None:
 _build.on_load("register_fake", _register_fake)
 
 
-def _entry_columns(values: torch.Tensor, indices: torch.Tensor, bank_size: int, in_features: int):
-    """Column of every entry `[out, width]`, and which entries are padding `[out, width]`.
-
-    Padding exists only in a short last bank: it has `k` entries but keeps
-    `k_last = bank_layout(in, B, k)[1]` weights. Its trainable entries are `k_last` of them,
-    nonzeros first, then distinct columns, lower entries first; the rest are padding (value 0,
-    never trained, so a fine-tuned layer keeps its pattern).
-    """
-    width = values.size(1)
-    n_banks = -(-in_features // bank_size)
-    k = width // n_banks
-    bank = torch.arange(width, device=values.device) // k
-    idx = indices.long()
-    columns = bank * bank_size + idx
-    padding = torch.zeros_like(idx, dtype=torch.bool)
-    if in_features % bank_size:
-        k_last = bank_layout(in_features, bank_size, k)[1]
-        last = slice(width - k, width)
-        repeat = torch.zeros_like(idx[:, last], dtype=torch.bool)
-        repeat[:, 1:] = idx[:, last][:, 1:] == idx[:, last][:, :-1]
-        # 2 for a nonzero, 1 for a first occurrence: the k_last best stay trainable
-        score = (values[:, last] != 0).long() * 2 + (~repeat).long()
-        padding[:, last] = ~topk_mask_lastdim(score.float(), k_last)
-    return columns, padding
-
-
-def _linear_setup_context(ctx, inputs, output) -> None:
-    x, values, indices, bank_size, in_features, bias = inputs
-    ctx.save_for_backward(x, values, indices)
-    ctx.bank_size, ctx.in_features, ctx.has_bias = bank_size, in_features, bias is not None
-
-
-def _linear_backward(ctx, grad: torch.Tensor):
-    """Gradients of `balanced_linear` for `x`, `values` and `bias` (indices are fixed).
-
-    `grad [..., out]`: `dx = grad W` `[..., in]`; `dvalues[o, j] = sum_b grad[b, o] x[b, c]` at
-    entry `j`'s column `c` `[out, width]` (0 for padding, see `_entry_columns`);
-    `dbias = sum_b grad[b]`. Both products run dense on the unpacked `W`.
-    """
-    x, values, indices = ctx.saved_tensors
-    columns, padding = _entry_columns(values, indices, ctx.bank_size, ctx.in_features)
-    out_features = values.size(0)
-    grad2 = grad.reshape(-1, out_features)  # [batch, out]
-    dx = dvalues = dbias = None
-    if ctx.needs_input_grad[0]:
-        weight = values.new_zeros(out_features, ctx.in_features).scatter_add_(1, columns, values)
-        dx = (grad2 @ weight).reshape(*grad.shape[:-1], ctx.in_features)
-    if ctx.needs_input_grad[1]:
-        dense = grad2.t() @ x.reshape(-1, ctx.in_features)  # [out, in]
-        dvalues = dense.gather(1, columns).masked_fill_(padding, 0)
-    if ctx.has_bias and ctx.needs_input_grad[5]:
-        dbias = grad2.sum(0)
-    return dx, dvalues, None, None, None, dbias
-
-
-def _register_autograd() -> None:
-    """Backward of `balanced_linear` (runs once the op exists)."""
-    torch.library.register_autograd(
-        "bs_lightning::balanced_linear", _linear_backward, setup_context=_linear_setup_context
-    )
-
-
-_build.on_load("register_autograd", _register_autograd)
-
-
 def main(argv: list[str] | None = None) -> int:
     """`python -m bs_lightning.ops --info | --build`."""
     parser = argparse.ArgumentParser(
@@ -539,6 +473,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"backend cuda: {backend('cuda')}")
     return 0
 
+
+# the autograd formulas and the backward ops' fakes register on load, like the ones above
+from bs_lightning import ops_backward as _ops_backward  # noqa: E402, F401
 
 if __name__ == "__main__":
     sys.exit(main())

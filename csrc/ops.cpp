@@ -13,6 +13,14 @@ TORCH_LIBRARY(bs_lightning, m) {
   m.def(
       "balanced_linear_tiled(Tensor x, Tensor values, Tensor indices, int bank_size, "
       "int in_features, int out_features, Tensor? bias=None) -> Tensor");
+  // Backward products of balanced_linear (CPU), M * nnz multiply-adds each, no unpacking:
+  // grad [M, out] -> dx [M, in]; grad [M, out], x [M, in] -> dvalues [out, n_banks * k].
+  m.def(
+      "balanced_linear_grad_input(Tensor grad, Tensor values, Tensor indices, int bank_size, "
+      "int in_features) -> Tensor");
+  m.def(
+      "balanced_linear_grad_values(Tensor grad, Tensor x, Tensor indices, int bank_size, "
+      "int in_features) -> Tensor");
   // One LSTM layer's recurrence (one direction) with W_hh in the tile layout (CPU only):
   // gates_x [T, B, 4H] = x W_ih^T + biases -> (out [T, B, H], h_T, c_T).
   m.def(

@@ -107,6 +107,11 @@ def _stamp(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) for t in tensors)
 
 
+def _records_grad(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when a product of `x` with `values` (and `bias`) needs an autograd graph."""
+    return x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
+
+
 class _TilePlan(NamedTuple):
     """What a planned call of the tile kernel needs, and what makes it stale."""
 
@@ -178,6 +183,10 @@ class BalancedSparseModule(nn.Module):
         Returns:
             `[..., rows]` in `x.dtype`.
         """
+        if torch.is_grad_enabled() and _records_grad(
+            x, self._parameters[prefix + "values"], bias
+        ):
+            return self._trainable_product(prefix, x, bias, rows)
         if torch.compiler.is_compiling():
             return self._compiled_product(prefix, x, bias, rows)
         if rows is None:
@@ -194,7 +203,7 @@ class BalancedSparseModule(nn.Module):
                 )
         _, in_features, bank_size, k = self._layouts[prefix]
         # the buffers dict directly: Module.__getattr__ costs cache misses on every call
-        values = self._buffers[prefix + "values"]
+        values = self._parameters[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
         if rows is not None:
             values, indices = values[rows], indices[rows]
@@ -232,6 +241,35 @@ class BalancedSparseModule(nn.Module):
             x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
         )
 
+    def _trainable_product(
+        self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
+    ) -> torch.Tensor:
+        """`_product` when autograd records it: the tile kernel on a tile copy packed in the
+        graph (`ops.pack_tiles` is differentiable, so gradients reach `values`), else
+        `ops.balanced_linear`; both ops have autograd formulas (`bs_lightning.ops_backward`).
+        """
+        _, in_features, bank_size, _ = self._layouts[prefix]
+        values = self._parameters[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
+        if rows is not None:
+            values, indices = values[rows], indices[rows]
+        tiles = self._grad_tiles(prefix, x, values, indices, whole=rows is None)
+        if tiles is None:
+            return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
+        return torch.ops.bs_lightning.balanced_linear_tiled(
+            x, *tiles, bank_size, in_features, values.size(0), bias
+        )
+
+    def _grad_tiles(self, prefix, x, values, indices, whole: bool):
+        """Tiles packed from `values`/`indices` in the autograd graph when the tile kernel
+        runs for inputs like `x` (as `_tiles_apply`, or the tile buffers inside compiled
+        code), else None."""
+        if torch.compiler.is_compiling():
+            runs = whole and self._compiled_tiles(prefix, x) is not None
+        else:
+            runs = self._tiles_apply(x, values, self._layouts[prefix][2])
+        return ops.pack_tiles(values, indices) if runs else None
+
     def _compiled_product(
         self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
     ) -> torch.Tensor:
@@ -244,7 +282,7 @@ class BalancedSparseModule(nn.Module):
         weights were last filled, loaded or used eagerly (`refresh_tiles`).
         """
         _, in_features, bank_size, k = self._layouts[prefix]
-        values = self._buffers[prefix + "values"]
+        values = self._parameters[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
         tiles = None if rows is not None else self._compiled_tiles(prefix, x)
         if tiles is not None and self.dense_fallback:
@@ -284,7 +322,7 @@ class BalancedSparseModule(nn.Module):
         """True when `plan` is current for matrix `prefix` and input `x`."""
         values, indices = plan.values, plan.indices
         return (
-            values is self._buffers[prefix + "values"]
+            values is self._parameters[prefix + "values"]
             and indices is self._buffers[prefix + "indices"]
             and (values._version, indices._version) == plan.versions
             and (values.data_ptr(), indices.data_ptr()) == plan.pointers
@@ -306,11 +344,13 @@ class BalancedSparseModule(nn.Module):
 
     def _cpu_tiles(self, prefix: str, x: torch.Tensor):
         """`(tile_values, tile_indices)` of matrix `prefix` when the tile kernel applies to
-        inputs like `x`, else None."""
+        inputs like `x` (packed in the autograd graph when it records), else None."""
+        values = self._parameters[prefix + "values"]
+        indices = self._buffers[prefix + "indices"]
+        if torch.is_grad_enabled() and _records_grad(x, values, None):
+            return self._grad_tiles(prefix, x, values, indices, whole=True)
         if torch.compiler.is_compiling():
             return self._compiled_tiles(prefix, x)
-        values = getattr(self, prefix + "values")
-        indices = getattr(self, prefix + "indices")
         if not self._tiles_apply(x, values, self._layouts[prefix][2]):
             return None
         return self._tiles((prefix, None), values, indices)
@@ -328,7 +368,7 @@ class BalancedSparseModule(nn.Module):
     def _tile_buffers(self, prefix: str):
         """The non-persistent buffers `{prefix}tile_values` / `{prefix}tile_indices`, rebuilt
         when `values`/`indices` changed; empty where the tile kernel does not run."""
-        values = self._buffers[prefix + "values"]
+        values = self._parameters[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
         _, _, bank_size, k = self._layouts[prefix]
         # the compiled path checks these two conditions through the buffers' size
@@ -346,7 +386,7 @@ class BalancedSparseModule(nn.Module):
     def _dense_buffer(self, prefix: str) -> torch.Tensor:
         """The non-persistent buffer `{prefix}dense_weight` `[out, in]`, unpacked on first use
         (the first product past the crossover) and rebuilt when `values`/`indices` changed."""
-        values = self._buffers[prefix + "values"]
+        values = self._parameters[prefix + "values"]
         indices = self._buffers[prefix + "indices"]
         _, in_features, bank_size, _ = self._layouts[prefix]
         weight = self._derived(
@@ -384,7 +424,8 @@ class BalancedSparseModule(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        """Registers zero-filled compact buffers for one `[out, in]` matrix.
+        """Registers one zero-filled compact `[out, in]` matrix: the `values` parameter, the
+        `indices` and `layout` buffers and the derived (non-persistent) copies.
 
         Raises:
             ValueError: when a size is not a positive int, `bank_size` is not in
@@ -396,9 +437,11 @@ class BalancedSparseModule(nn.Module):
                 raise ValueError(f"{field} of {what} must be an integer >= 1, got {value!r}")
         check_bank_size(bank_size, in_features, what)
         n_banks, _ = bank_layout(in_features, bank_size, k, what)
-        # zeros are a valid packed matrix (all-zero weights), so a fresh module is usable
-        self.register_buffer(
-            prefix + "values", torch.zeros(out_features, n_banks * k, device=device, dtype=dtype)
+        # zeros are a valid packed matrix (all-zero weights), so a fresh module is usable;
+        # values are trainable (ops_backward), indices and layout fix the pattern
+        self.register_parameter(
+            prefix + "values",
+            nn.Parameter(torch.zeros(out_features, n_banks * k, device=device, dtype=dtype)),
         )
         self.register_buffer(
             prefix + "indices",
@@ -433,9 +476,11 @@ class BalancedSparseModule(nn.Module):
         """Fills the single weight matrix and the bias from a dense `module`; returns self in
         `module`'s train/eval mode (the tail of every single-matrix `from_dense`)."""
         self._fill_compact("", values, indices)
+        self.values.requires_grad_(module.weight.requires_grad)  # a frozen layer stays frozen
         if module.bias is not None:
             with torch.no_grad():
                 self.bias.copy_(module.bias)
+            self.bias.requires_grad_(module.bias.requires_grad)
         return self.train(module.training)
 
     def _give_dense(self, dense: nn.Module, weight: torch.Tensor) -> nn.Module:

@@ -25,8 +25,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 class BalancedSparseConv2d(BalancedSparseModule):
     """2-D convolution with a balanced-sparse weight in the compact format.
 
-    Buffers: `values [out, n_banks * k]`, `indices` (uint8), `layout` (out_channels,
-    in_channels/groups * kh * kw, bank_size, k) and `bias [out]` (or None). The constructor
+    Parameters `values [out, n_banks * k]` and `bias [out]` (or None); buffers `indices`
+    (uint8) and `layout` (out_channels, in_channels/groups * kh * kw, bank_size, k). The constructor
     takes shapes only; `from_dense` converts a trained `nn.Conv2d`.
 
     Args:
@@ -89,8 +89,9 @@ class BalancedSparseConv2d(BalancedSparseModule):
         self._register_compact(
             "", out_channels, in_channels // groups * kh * kw, bank_size, k, device, dtype
         )
-        self.register_buffer(
-            "bias", torch.zeros(out_channels, device=device, dtype=dtype) if bias else None
+        self.register_parameter(
+            "bias",
+            nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype)) if bias else None,
         )
 
     def _input_padding(self) -> tuple[int, int, int, int]:

@@ -13,9 +13,9 @@ __all__ = ["BalancedSparseLinear"]
 class BalancedSparseLinear(BalancedSparseModule):
     """`y = x W^T + b` with `W [out, in]` stored as values + uint8 in-bank indices.
 
-    Buffers: `values [out, n_banks * k]`, `indices [out, n_banks * k]` (uint8), `layout`
-    (int64 `[4]`: out_features, in_features, bank_size, k) and `bias [out]` (or None). The
-    constructor takes shapes only (zero weights), so a model can be rebuilt and filled by
+    Parameters `values [out, n_banks * k]` and `bias [out]` (or None); buffers `indices
+    [out, n_banks * k]` (uint8) and `layout` (int64 `[4]`: out_features, in_features,
+    bank_size, k), which fix the pattern while the values fine-tune. The constructor takes shapes only (zero weights), so a model can be rebuilt and filled by
     `load_state_dict`; `from_dense` converts a trained layer.
 
     Args:
@@ -47,8 +47,9 @@ class BalancedSparseLinear(BalancedSparseModule):
         self.out_features = out_features
         self.bank_size = bank_size
         self.k = k
-        self.register_buffer(
-            "bias", torch.zeros(out_features, device=device, dtype=dtype) if bias else None
+        self.register_parameter(
+            "bias",
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None,
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

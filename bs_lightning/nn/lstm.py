@@ -48,9 +48,9 @@ def _per_matrix(value, weight_name: str, what: str, valid: list[str]) -> int:
 class BalancedSparseLSTM(BalancedSparseModule):
     """Multi-layer, optionally bidirectional LSTM with balanced-sparse weight matrices.
 
-    Buffers per weight matrix `w` (names as `nn.LSTM`, e.g. `weight_ih_l0`,
-    `weight_hh_l1_reverse`): `{w}_values`, `{w}_indices`, `{w}_layout`; per layer and
-    direction the folded bias `bias_l{layer}{_reverse}` `[4H]` (`b_ih + b_hh`) when
+    Per weight matrix `w` (names as `nn.LSTM`, e.g. `weight_ih_l0`, `weight_hh_l1_reverse`):
+    the parameter `{w}_values` and the buffers `{w}_indices`, `{w}_layout`; per layer and
+    direction the folded bias parameter `bias_l{layer}{_reverse}` `[4H]` (`b_ih + b_hh`) when
     `bias=True`. No projection (`proj_size`) support.
 
     Args:
@@ -125,9 +125,9 @@ class BalancedSparseLSTM(BalancedSparseModule):
                 dtype,
             )
             if bias and name.startswith("weight_ih"):
-                self.register_buffer(
+                self.register_parameter(
                     "bias" + name[len("weight_ih") :],
-                    torch.zeros(4 * hidden_size, device=device, dtype=dtype),
+                    nn.Parameter(torch.zeros(4 * hidden_size, device=device, dtype=dtype)),
                 )
 
     def _direction(self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, suffix: str):
