@@ -9,9 +9,11 @@ For `y = x W^T + b` with `W` in the compact format (`docs/ARCHITECTURE.md` secti
   `padding_entries`), so fine-tuning never grows the pattern,
 - `dbias = sum_m grad[m]`.
 
-On the CPU with the compiled library both products run the C++ kernels of
-`csrc/cpu/balanced_linear_backward_cpu.cpp` (`M * nnz` multiply-adds, no unpacking);
-elsewhere (CUDA, the reference backend) the dense products on the unpacked matrix.
+On the CPU with the compiled library both products run C++ kernels (`M * nnz`
+multiply-adds, no unpacking): `csrc/cpu/balanced_linear_backward_cpu.cpp` on the row-major
+format, `csrc/cpu/balanced_linear_tiled_backward_cpu.cpp` on the tile layout (fp32, the
+builds with the tile kernel); elsewhere (CUDA, the reference backend) the dense products on
+the unpacked matrix.
 
 `torch.library.register_autograd` gives the formulas to `balanced_linear` (row-major),
 `balanced_linear_tiled` (its tile-layout gradient is the row-major one packed with
@@ -165,11 +167,35 @@ def _tiled_setup_context(ctx, inputs, output) -> None:
 def _tiled_backward(ctx, grad: torch.Tensor):
     x, tile_values, tile_indices = ctx.saved_tensors
     need = ctx.needs_input_grad
+    need_bias = ctx.has_bias and need[6]
+    if grad.dtype == torch.float32 and _compiled_backward(grad):
+        if ops.cpu_tiles_supported(ctx.bank_size):
+            return _tiled_grads(ctx, grad, x, tile_values, tile_indices, need[0], need[1], need_bias)
     values, indices = ops.unpack_tiles(tile_values, tile_indices, ctx.out_features)
-    dx, dvalues, dbias = _grads(
-        ctx, grad, x, values, indices, need[0], need[1], ctx.has_bias and need[6]
-    )
+    dx, dvalues, dbias = _grads(ctx, grad, x, values, indices, need[0], need[1], need_bias)
     dtiles = None if dvalues is None else ops.pack_tiles(dvalues, indices)[0]
+    return dx, dtiles, None, None, None, None, dbias
+
+
+def _tiled_grads(ctx, grad, x, tile_values, tile_indices, need_x, need_values, need_bias):
+    """`_tiled_backward` on the tile layout itself: the C++ tile kernels, no unpacking."""
+    bank_size, in_features, out_features = ctx.bank_size, ctx.in_features, ctx.out_features
+    grad2 = grad.reshape(-1, out_features)
+    dx = dtiles = dbias = None
+    if need_x:
+        dx = torch.ops.bs_lightning.balanced_linear_tiled_grad_input(
+            grad2, tile_values, tile_indices, bank_size, in_features
+        ).reshape(*grad.shape[:-1], in_features)
+    if need_values:
+        dtiles = torch.ops.bs_lightning.balanced_linear_tiled_grad_values(
+            grad2, x.reshape(-1, in_features), tile_indices, bank_size, in_features
+        )
+        if in_features % bank_size:  # a short last bank: hold its padding entries at 0
+            values, indices = ops.unpack_tiles(tile_values, tile_indices, out_features)
+            padding = padding_entries(values, indices, bank_size, in_features)
+            dtiles = dtiles.masked_fill(ops.pack_tiles(padding, indices)[0], 0)
+    if need_bias:
+        dbias = grad2.sum(0)
     return dx, dtiles, None, None, None, None, dbias
 
 
@@ -235,6 +261,14 @@ def _register() -> None:
         return grad.new_empty(grad.size(0), in_features)
 
     @torch.library.register_fake("bs_lightning::balanced_linear_grad_values")
+    def _(grad, x, indices, bank_size, in_features):
+        return grad.new_empty(indices.shape)
+
+    @torch.library.register_fake("bs_lightning::balanced_linear_tiled_grad_input")
+    def _(grad, values, indices, bank_size, in_features):
+        return grad.new_empty(grad.size(0), in_features)
+
+    @torch.library.register_fake("bs_lightning::balanced_linear_tiled_grad_values")
     def _(grad, x, indices, bank_size, in_features):
         return grad.new_empty(indices.shape)
 

@@ -21,6 +21,14 @@ TORCH_LIBRARY(bs_lightning, m) {
   m.def(
       "balanced_linear_grad_values(Tensor grad, Tensor x, Tensor indices, int bank_size, "
       "int in_features) -> Tensor");
+  // The same two on the tile layout (fp32, CPU): values/indices [ceil(out / 16), width, 16];
+  // grad_values returns that shape, zero in the rows past out.
+  m.def(
+      "balanced_linear_tiled_grad_input(Tensor grad, Tensor values, Tensor indices, "
+      "int bank_size, int in_features) -> Tensor");
+  m.def(
+      "balanced_linear_tiled_grad_values(Tensor grad, Tensor x, Tensor indices, int bank_size, "
+      "int in_features) -> Tensor");
   // One LSTM layer's recurrence (one direction) with W_hh in the tile layout (CPU only):
   // gates_x [T, B, 4H] = x W_ih^T + biases -> (out [T, B, H], h_T, c_T).
   m.def(

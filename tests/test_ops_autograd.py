@@ -136,3 +136,27 @@ def test_lstm_layer_op_gradients_equal_its_reference(reverse):
         torch.testing.assert_close(fused.grad, ref.grad.float(), rtol=1e-4, atol=1e-5)
     result = torch.library.opcheck(LSTM_LAYER.default, (*leaves32, ti, 4, reverse))
     assert set(result.values()) == {"SUCCESS"}, result
+
+
+@pytest.mark.parametrize("bank_size,in_features", [(8, 40), (16, 48), (32, 100), (64, 128)])
+def test_tile_backward_kernels_equal_the_dense_products(bank_size, in_features):
+    if not ops.cpu_tiles_supported(bank_size):
+        pytest.skip("no tile kernel in this build")
+    torch.manual_seed(0)
+    sparse = BalancedSparseLinear.from_dense(nn.Linear(in_features, 37), bank_size, sparsity=0.75)
+    values, indices = sparse.values.detach(), sparse.indices
+    tiles, tile_indices = ops.pack_tiles(values, indices)
+    dense = unpack_balanced(values, indices, bank_size, in_features)
+    columns = ops_backward._columns(indices, bank_size, in_features)
+    for rows in (1, 20, 33, 130):
+        grad, xs = torch.randn(rows, 37), torch.randn(rows, in_features)
+        dx = torch.ops.bs_lightning.balanced_linear_tiled_grad_input(
+            grad, tiles, tile_indices, bank_size, in_features
+        )
+        torch.testing.assert_close(dx, grad @ dense, rtol=1e-4, atol=1e-4)
+        dtiles = torch.ops.bs_lightning.balanced_linear_tiled_grad_values(
+            grad, xs, tile_indices, bank_size, in_features
+        )
+        dv = ops.unpack_tiles(dtiles, tile_indices, 37)[0]
+        torch.testing.assert_close(dv, (grad.t() @ xs).gather(1, columns), rtol=1e-4, atol=1e-4)
+        assert (dtiles[-1, :, 37 - 32 :] == 0).all()  # the rows past out stay zero

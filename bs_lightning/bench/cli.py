@@ -3,6 +3,7 @@
 bs-bench kernels [options]   dense vs balanced op vs CSR, see bs_lightning.bench.kernels
 bs-bench lstm [options]      LSTM inference end to end, see bs_lightning.bench.lstm_e2e
 bs-bench model SOURCE ...    a whole model dense vs converted, see bs_lightning.bench.model
+bs-bench finetune SOURCE ... fine-tuning step time and memory, see bs_lightning.bench.finetune
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ COMMANDS = {
     "kernels": "bs_lightning.bench.kernels",
     "lstm": "bs_lightning.bench.lstm_e2e",
     "model": "bs_lightning.bench.model",
+    "finetune": "bs_lightning.bench.finetune",
 }
 
 

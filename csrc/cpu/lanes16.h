@@ -28,6 +28,7 @@ inline __mmask16 prefix_mask(int64_t n) {
 }
 
 inline F16 zero16() { return {_mm512_setzero_ps()}; }
+inline F16 broadcast16(float v) { return {_mm512_set1_ps(v)}; }
 inline F16 add16(F16 a, F16 b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline F16 fmadd16(F16 a, F16 b, F16 c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 template <typename V>
@@ -83,6 +84,7 @@ inline __m256i prefix_mask8(int64_t n) {
 }
 
 inline F16 zero16() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
+inline F16 broadcast16(float v) { return {_mm256_set1_ps(v), _mm256_set1_ps(v)}; }
 inline F16 add16(F16 a, F16 b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
 inline F16 fmadd16(F16 a, F16 b, F16 c) {
   return {_mm256_fmadd_ps(a.lo, b.lo, c.lo), _mm256_fmadd_ps(a.hi, b.hi, c.hi)};
