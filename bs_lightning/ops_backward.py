@@ -170,7 +170,9 @@ def _tiled_backward(ctx, grad: torch.Tensor):
     need_bias = ctx.has_bias and need[6]
     if grad.dtype == torch.float32 and _compiled_backward(grad):
         if ops.cpu_tiles_supported(ctx.bank_size):
-            return _tiled_grads(ctx, grad, x, tile_values, tile_indices, need[0], need[1], need_bias)
+            return _tiled_grads(
+                ctx, grad, x, tile_values, tile_indices, need[0], need[1], need_bias
+            )
     values, indices = ops.unpack_tiles(tile_values, tile_indices, ctx.out_features)
     dx, dvalues, dbias = _grads(ctx, grad, x, values, indices, need[0], need[1], need_bias)
     dtiles = None if dvalues is None else ops.pack_tiles(dvalues, indices)[0]
@@ -239,14 +241,15 @@ def _lstm_backward(ctx, grad_out, grad_h, grad_c):
     gates_x, h0, c0, tile_values, tile_indices = ctx.saved_tensors
     need = ctx.needs_input_grad[:4]
     leaves = [
-        t.detach().requires_grad_(n) for t, n in zip((gates_x, h0, c0, tile_values), need)
+        t.detach().requires_grad_(n)
+        for t, n in zip((gates_x, h0, c0, tile_values), need, strict=True)
     ]
     with torch.enable_grad():
         outputs = lstm_layer_reference(*leaves, tile_indices, ctx.bank_size, ctx.reverse)
         wanted = [t for t in leaves if t.requires_grad]
         grads_out = [
             torch.zeros_like(o) if g is None else g
-            for o, g in zip(outputs, (grad_out, grad_h, grad_c))
+            for o, g in zip(outputs, (grad_out, grad_h, grad_c), strict=True)
         ]
         found = iter(torch.autograd.grad(outputs, wanted, grads_out, allow_unused=True))
     grads = [next(found) if t.requires_grad else None for t in leaves]

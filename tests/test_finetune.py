@@ -8,7 +8,7 @@ from conftest import TinyZoo, quiet_trainer, random_loader
 from lightning.pytorch import Callback, Trainer
 from torch import nn
 
-from bs_lightning import convert_to_sparse, ops, ops_backward
+from bs_lightning import convert_to_sparse, ops_backward
 from bs_lightning.nn import BalancedSparseLinear, BalancedSparseLSTM
 from bs_lightning.nn.base import BalancedSparseModule
 from bs_lightning.nn.format import unpack_balanced
@@ -25,9 +25,7 @@ def _pruned_zoo(seed: int = 0) -> TinyZoo:
 
 
 def _compact(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("indices")
-    }
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith("indices")}
 
 
 def _padding_values(model: nn.Module) -> list[torch.Tensor]:
@@ -74,11 +72,13 @@ def test_converted_zoo_gradients_equal_the_masked_dense_ones():
     assert isinstance(sparse.lstm, BalancedSparseLSTM)
     x, y = next(iter(random_loader(n=8)))
     dense.train(), sparse.train()
-    opts = [torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
-            for m in (dense, sparse)]
+    opts = [
+        torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        for m in (dense, sparse)
+    ]
     for _ in range(3):
         grads_x = []
-        for model, opt in zip((dense, sparse), opts):
+        for model, opt in zip((dense, sparse), opts, strict=True):
             opt.zero_grad()
             xin = x.clone().requires_grad_(True)
             nn.functional.cross_entropy(model(xin), y).backward()

@@ -77,7 +77,9 @@ def test_backward_kernels_equal_the_dense_products(in_features):
     dense = unpack_balanced(values, indices, 8, in_features)
     for rows in (1, 7, 300):
         grad, xs = torch.randn(rows, 6), torch.randn(rows, in_features)
-        dx = torch.ops.bs_lightning.balanced_linear_grad_input(grad, values, indices, 8, in_features)
+        dx = torch.ops.bs_lightning.balanced_linear_grad_input(
+            grad, values, indices, 8, in_features
+        )
         torch.testing.assert_close(dx, grad @ dense, rtol=1e-4, atol=1e-4)
         dv = torch.ops.bs_lightning.balanced_linear_grad_values(grad, xs, indices, 8, in_features)
         full = grad.t() @ xs  # [out, in]: the entries' columns are gathered from it
@@ -131,8 +133,8 @@ def test_lstm_layer_op_gradients_equal_its_reference(reverse):
     weights = [torch.randn(5, 2, 8), torch.randn(2, 8), torch.randn(2, 8)]
     for fn, leaves in ((LSTM_LAYER, leaves32), (reference, leaves64)):
         outs = fn(*leaves, ti, 4, reverse) if fn is LSTM_LAYER else fn(*leaves)
-        sum(o.mul(w.to(o.dtype)).sum() for o, w in zip(outs, weights)).backward()
-    for fused, ref in zip(leaves32, leaves64):
+        sum(o.mul(w.to(o.dtype)).sum() for o, w in zip(outs, weights, strict=True)).backward()
+    for fused, ref in zip(leaves32, leaves64, strict=True):
         torch.testing.assert_close(fused.grad, ref.grad.float(), rtol=1e-4, atol=1e-5)
     result = torch.library.opcheck(LSTM_LAYER.default, (*leaves32, ti, 4, reverse))
     assert set(result.values()) == {"SUCCESS"}, result

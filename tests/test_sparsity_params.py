@@ -69,7 +69,10 @@ def test_embedding_pruned_only_when_asked():
         "fc.weight",
     ]
     # a module-name match does not select a non-default parameter
-    with pytest.raises(ValueError, match=r"include glob 'embed' matches no module or parameter of Zoo that can be pruned"):
+    with pytest.raises(
+        ValueError,
+        match=r"include glob 'embed' matches no module or parameter of Zoo that can be pruned",
+    ):
         find_prunable(zoo, include="embed")
 
 

@@ -81,7 +81,9 @@ def _build(args, side: str) -> nn.Module:
         model, _ = load_pretrained(args.source, args.model_class)
     except (OSError, ValueError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SystemExit(f"bs-bench finetune: cannot load {args.source} as a model: {first}")
+        raise SystemExit(
+            f"bs-bench finetune: cannot load {args.source} as a model: {first}"
+        ) from err
     if side == "sparse":
         model = prune_and_convert(model, args.sparsity, args.bank_size)
     torch.manual_seed(0)

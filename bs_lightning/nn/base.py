@@ -183,9 +183,7 @@ class BalancedSparseModule(nn.Module):
         Returns:
             `[..., rows]` in `x.dtype`.
         """
-        if torch.is_grad_enabled() and _records_grad(
-            x, self._parameters[prefix + "values"], bias
-        ):
+        if torch.is_grad_enabled() and _records_grad(x, self._parameters[prefix + "values"], bias):
             return self._trainable_product(prefix, x, bias, rows)
         if torch.compiler.is_compiling():
             return self._compiled_product(prefix, x, bias, rows)
