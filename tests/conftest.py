@@ -105,3 +105,13 @@ def tiny_zoo() -> TinyZoo:
 @pytest.fixture
 def memory_logger() -> MemoryLogger:
     return MemoryLogger()
+
+
+@pytest.fixture(autouse=True)
+def _rule_dispatch(monkeypatch):
+    """Sparse modules choose tiles or the dense copy by the rule, not by timing: tests never
+    time anything, and which kernel runs stays deterministic (`test_dispatch.py` tests the
+    measured choice with a fake clock)."""
+    from bs_lightning.nn.base import BalancedSparseModule
+
+    monkeypatch.setattr(BalancedSparseModule, "measured_dispatch", False)

@@ -10,8 +10,9 @@ layer, instead of copying same-shaped tensors of a different bank layout.
 
 Products go through `_product`, which picks the kernel: on a CPU with the tile kernel
 (AVX-512 or AVX2) it multiplies with a copy of the matrix in the tile layout
-(`ops.pack_tiles`), and from the measured batch crossover on (low sparsity, large batches)
-with the unpacked dense matrix, so a layer is never slower than its dense original. Both
+(`ops.pack_tiles`), and where the unpacked dense matrix is faster (low sparsity, many input
+rows) with that, so a layer is never slower than its dense original: the choice is measured
+on the first input of each size class of each matrix and cached (`measured_dispatch`). Both
 copies are derived caches: built on first use, rebuilt when the buffers change (in-place
 edits, `load_state_dict`), dropped on `.to()`, never saved.
 
@@ -25,6 +26,8 @@ identity, in-place versions and pointers and calls the op (~15 us more than the 
 
 from __future__ import annotations
 
+import math
+import time
 from typing import NamedTuple
 
 import torch
@@ -45,6 +48,8 @@ from bs_lightning.sparsity.patterns import BalancedPattern
 __all__ = ["BalancedSparseModule", "prune_and_pack"]
 
 LAYOUT_FIELDS = ("out_features", "in_features", "bank_size", "k")
+MEASURE_MIN_ROWS = 16  # fewer input rows: the tile kernel, by the rule (it wins by far there)
+MEASURE_REPEATS = 3  # timed calls of each kernel per measured dispatch decision
 
 
 def _where(name: str | None) -> str:
@@ -121,7 +126,8 @@ class _TilePlan(NamedTuple):
     pointers: tuple[int, int]  # ... and data pointers (`.data =` keeps the version)
     tile_values: torch.Tensor
     tile_indices: torch.Tensor
-    max_numel: int  # inputs with at least dense-crossover rows take the general path
+    dense_weight: torch.Tensor | None  # the dense copy when it runs this size class
+    numel: tuple[int, int]  # [lo, hi): the size class of inputs the plan was made for
     bank_size: int
     in_features: int
     out_features: int
@@ -132,14 +138,19 @@ class BalancedSparseModule(nn.Module):
     runs their products (`_product`).
 
     Attributes:
-        dense_fallback: when True (default), a CPU product with at least
-            `ops.dense_crossover(k, bank_size)` input rows (only layers with more than ~30%
-            of their weights kept reach it) runs `F.linear` on a cached dense copy of the
-            matrix, as fast as the dense layer at the cost of its memory. False keeps the
-            memory of the compact format and unpacks per call (slower than dense there).
+        dense_fallback: when True (default), a CPU product where `F.linear` on a dense copy
+            of the matrix is faster than the tile kernel runs that (as fast as the dense
+            layer, at the cost of its memory). False keeps the memory of the compact format
+            and always runs the tile kernel (which unpacks per call from
+            `ops.dense_crossover` rows on: slower than dense there).
+        measured_dispatch: when True (default), which of the two is faster is measured on
+            the first input of each size class (power-of-two rows, from `MEASURE_MIN_ROWS`
+            on) of each matrix, on that input, and cached; False uses the rule
+            `ops.dense_crossover(k, bank_size)` (measured offline by kept fraction only).
     """
 
     dense_fallback: bool = True
+    measured_dispatch: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -153,6 +164,8 @@ class BalancedSparseModule(nn.Module):
         # prefix -> input rows from which the dense path runs (set with the tile buffers;
         # read by compiled code, which cannot call ops.dense_crossover)
         self._crossovers: dict[str, int] = {}
+        # ((prefix, rows), size class of the input) -> whether the dense copy runs it
+        self._dispatch: dict[tuple, bool] = {}
         # the compiled path reads the tile buffers as they are: keep them current on load
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
@@ -190,6 +203,8 @@ class BalancedSparseModule(nn.Module):
         if rows is None:
             plan = self._tile_plans.get(prefix)
             if plan is not None and self._plan_fits(plan, prefix, x):
+                if plan.dense_weight is not None:
+                    return F.linear(x, plan.dense_weight, bias)
                 return torch.ops.bs_lightning.balanced_linear_tiled(
                     x,
                     plan.tile_values,
@@ -208,20 +223,12 @@ class BalancedSparseModule(nn.Module):
         if not self._tiles_apply(x, values, bank_size):
             return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
         key = (prefix, None if rows is None else (rows.start, rows.stop))
-        batch = x.numel() // in_features
-        if self.dense_fallback and batch >= ops.dense_crossover(k, bank_size):
-            if rows is None:
-                weight = self._dense_buffer(prefix)
-            else:
-                weight = self._derived(
-                    (*key, "dense"),
-                    values,
-                    indices,
-                    lambda: unpack_balanced(values, indices, bank_size, in_features),
-                )
-            return F.linear(x, weight, bias)
         tile_values, tile_indices = self._tiles(key, values, indices)
+        weight = None
+        if self.dense_fallback and self._dense_wins(key, x, bias, values, indices):
+            weight = self._dense_copy(key, values, indices)
         if rows is None and not (values.is_inference() or indices.is_inference()):
+            bucket = x.numel().bit_length()  # the plan serves inputs of this size class
             self._tile_plans[prefix] = _TilePlan(
                 values,
                 indices,
@@ -229,15 +236,80 @@ class BalancedSparseModule(nn.Module):
                 (values.data_ptr(), indices.data_ptr()),
                 tile_values,
                 tile_indices,
-                ops.dense_crossover(k, bank_size) * in_features,
+                weight,
+                (1 << bucket - 1 if bucket else 0, 1 << bucket),
                 bank_size,
                 in_features,
                 values.size(0),
             )
+        if weight is not None:
+            return F.linear(x, weight, bias)
         # the op itself: _tiles_apply has checked what the ops.py wrapper would
         return torch.ops.bs_lightning.balanced_linear_tiled(
             x, tile_values, tile_indices, bank_size, in_features, values.size(0), bias
         )
+
+    def _dense_copy(self, key: tuple, values: torch.Tensor, indices: torch.Tensor):
+        """The cached dense `[rows, in]` matrix of `values`/`indices` (key as `_tiles`)."""
+        prefix, rows = key
+        if rows is None:
+            return self._dense_buffer(prefix)
+        _, in_features, bank_size, _ = self._layouts[prefix]
+        return self._derived(
+            (*key, "dense"),
+            values,
+            indices,
+            lambda: unpack_balanced(values, indices, bank_size, in_features),
+        )
+
+    def _dense_wins(self, key: tuple, x, bias, values, indices) -> bool:
+        """Whether `F.linear` on the dense copy runs inputs like `x` faster than the tile
+        kernel: measured once per matrix and size class of `x` (`measured_dispatch`), from
+        `MEASURE_MIN_ROWS` input rows on; else, and below, the rule `ops.dense_crossover`.
+        The decision is cached per `(matrix, size class)`; it depends on shapes only."""
+        prefix, _ = key
+        _, in_features, bank_size, k = self._layouts[prefix]
+        batch = x.numel() // in_features
+        choice_key = (key, batch.bit_length())
+        choice = self._dispatch.get(choice_key)
+        if choice is None:
+            if self.measured_dispatch and batch >= MEASURE_MIN_ROWS:
+                choice = self._measure_dense_wins(key, x, bias, values, indices)
+            else:
+                choice = batch >= ops.dense_crossover(k, bank_size)
+            self._dispatch[choice_key] = choice
+        return choice
+
+    def _measure_dense_wins(self, key: tuple, x, bias, values, indices) -> bool:
+        """Times the tile kernel and `F.linear` on the dense copy on `x` itself, in turns
+        (best of `MEASURE_REPEATS` each); drops the dense copy again when the tiles win."""
+        prefix, rows = key
+        _, in_features, bank_size, _ = self._layouts[prefix]
+        tile_values, tile_indices = self._tiles(key, values, indices)
+        weight = self._dense_copy(key, values, indices)
+        out_features = values.size(0)
+        best = {"tiles": math.inf, "dense": math.inf}
+        calls = {
+            "tiles": lambda: torch.ops.bs_lightning.balanced_linear_tiled(
+                x, tile_values, tile_indices, bank_size, in_features, out_features, bias
+            ),
+            "dense": lambda: F.linear(x, weight, bias),
+        }
+        for rep in range(MEASURE_REPEATS + 1):
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if rep:  # the first round warms both up
+                    best[name] = min(best[name], time.perf_counter() - start)
+        dense_wins = best["dense"] < best["tiles"]
+        if not dense_wins and rows is None and not self._dispatch_uses_dense(prefix):
+            self._buffers[prefix + "dense_weight"] = weight.new_empty(0)
+            self._kernel_cache.pop((prefix, None, "dense"), None)
+        return dense_wins
+
+    def _dispatch_uses_dense(self, prefix: str) -> bool:
+        """Whether some size class of whole-matrix inputs of `prefix` chose the dense copy."""
+        return any(dense and key == (prefix, None) for (key, _), dense in self._dispatch.items())
 
     def _trainable_product(
         self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
@@ -272,8 +344,9 @@ class BalancedSparseModule(nn.Module):
         self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None
     ) -> torch.Tensor:
         """`_product` inside `torch.compile`, choosing as the eager one does: for a whole
-        matrix on a CPU with the tile kernel, `F.linear` on the dense copy from the crossover
-        on (the cached one, else unpacked in the graph) and the tile kernel below it; else
+        matrix on a CPU with the tile kernel, `F.linear` on the dense copy where eager calls
+        measured it faster for inputs of this size class (else from the crossover on; the
+        cached copy, else unpacked in the graph), the tile kernel otherwise; else
         `ops.balanced_linear`.
 
         Compiled code cannot check the buffers' versions: it reads the copies made when the
@@ -284,7 +357,11 @@ class BalancedSparseModule(nn.Module):
         indices = self._buffers[prefix + "indices"]
         tiles = None if rows is not None else self._compiled_tiles(prefix, x)
         if tiles is not None and self.dense_fallback:
-            if x.numel() // in_features >= self._crossovers[prefix]:
+            batch = x.numel() // in_features
+            measured = None
+            if isinstance(batch, int):  # static shapes: the size class is known here
+                measured = self._dispatch.get(((prefix, None), batch.bit_length()))
+            if batch >= self._crossovers[prefix] if measured is None else measured:
                 weight = self._buffers[prefix + "dense_weight"]
                 if not weight.numel():  # no eager call at this size yet: unpack in the graph
                     weight = unpack_balanced(values, indices, bank_size, in_features)
@@ -326,7 +403,7 @@ class BalancedSparseModule(nn.Module):
             and (values.data_ptr(), indices.data_ptr()) == plan.pointers
             and x.is_cpu
             and x.dtype == values.dtype
-            and x.numel() < plan.max_numel
+            and plan.numel[0] <= x.numel() < plan.numel[1]
         )
 
     @staticmethod
@@ -403,13 +480,15 @@ class BalancedSparseModule(nn.Module):
             name: t.new_empty(0) if t is not None and name.endswith(_DERIVED) else t
             for name, t in self._buffers.items()
         }
-        state["_kernel_cache"], state["_tile_plans"], state["_crossovers"] = {}, {}, {}
+        for cache in ("_kernel_cache", "_tile_plans", "_crossovers", "_dispatch"):
+            state[cache] = {}
         return state
 
     def _apply(self, fn, recurse=True):
         # derived copies follow the buffers' device and dtype by being rebuilt
         self._kernel_cache.clear()
         self._tile_plans.clear()
+        self._dispatch.clear()  # measured on another device or dtype
         return super()._apply(fn, recurse)
 
     def _register_compact(

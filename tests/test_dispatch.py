@@ -1,0 +1,113 @@
+"""Measured dispatch: tiles or the dense copy per matrix and input size class, timed once on
+the input itself (with a fake clock here: tests never time anything)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bs_lightning import ops
+from bs_lightning.nn import BalancedSparseLinear, base
+
+pytestmark = pytest.mark.skipif(
+    not (ops.load() and ops.cpu_tiles_supported(32)), reason="needs the tile kernel"
+)
+
+
+class FakeClock:
+    """`time.perf_counter` that makes one kernel look `slow` times slower than the other."""
+
+    def __init__(self, monkeypatch, slow_kernel: str):
+        self.now, self.started, self.calls = 0.0, False, {"tiles": 0, "dense": 0}
+        self.slow = slow_kernel
+        real_tiled = torch.ops.bs_lightning.balanced_linear_tiled
+        real_linear = F.linear
+        monkeypatch.setattr(base.time, "perf_counter", self.perf_counter)
+        monkeypatch.setattr(base.F, "linear", self._wrap("dense", real_linear))
+        monkeypatch.setattr(base, "torch", _TorchWithOps(self._wrap("tiles", real_tiled)))
+
+    def _wrap(self, name, fn):
+        def call(*args):
+            self.calls[name] += 1
+            self.now += 10.0 if name == self.slow else 1.0
+            return fn(*args)
+
+        return call
+
+    def perf_counter(self):
+        return self.now
+
+
+class _TorchWithOps:
+    """`torch` as `nn/base.py` sees it, with `torch.ops.bs_lightning.balanced_linear_tiled`
+    replaced."""
+
+    def __init__(self, tiled):
+        self.ops = type(
+            "ops", (), {"bs_lightning": type("lib", (), {"balanced_linear_tiled": tiled})}
+        )
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _layer(sparsity=0.75):
+    torch.manual_seed(0)
+    sparse = BalancedSparseLinear.from_dense(nn.Linear(96, 40), 32, sparsity=sparsity).eval()
+    sparse.measured_dispatch = True
+    return sparse.requires_grad_(False)
+
+
+@pytest.mark.parametrize("slow", ["tiles", "dense"])
+def test_the_faster_kernel_is_chosen_once_per_size_class(monkeypatch, slow):
+    sparse = _layer()
+    clock = FakeClock(monkeypatch, slow)
+    x32 = torch.randn(32, 96)
+    torch.testing.assert_close(sparse(x32), F.linear(x32, sparse.to_dense().weight, sparse.bias))
+    dense_wins = slow == "tiles"
+    assert sparse._dispatch == {(("", None), (32).bit_length()): dense_wins}
+    measured = dict(clock.calls)
+    assert measured["tiles"] >= 3 and measured["dense"] >= 3
+    # the same size class (32..63 rows) reuses the decision: one call, no timing
+    sparse(torch.randn(40, 96))
+    used = "dense" if dense_wins else "tiles"
+    assert clock.calls[used] == measured[used] + 1
+    # the dense copy is kept only where it runs
+    assert bool(sparse._buffers["dense_weight"].numel()) == dense_wins
+    plan = sparse._tile_plans[""]
+    assert (plan.dense_weight is not None) == dense_wins
+    # another size class measures again
+    sparse(torch.randn(70, 96))
+    assert len(sparse._dispatch) == 2
+
+
+def test_few_rows_and_the_switch_use_the_rule(monkeypatch):
+    sparse = _layer(sparsity=0.5)
+    clock = FakeClock(monkeypatch, "tiles")
+    sparse(torch.randn(base.MEASURE_MIN_ROWS - 1, 96))
+    assert clock.calls["dense"] == 0  # below the measured range: the tile kernel, untimed
+    sparse.measured_dispatch = False
+    rows = ops.dense_crossover(sparse.k, 32)
+    sparse(torch.randn(rows, 96))
+    assert sparse._dispatch[(("", None), rows.bit_length())] is True  # the rule
+    assert clock.calls["tiles"] == 1  # only the first call, no measurement
+
+
+def test_compiled_code_follows_the_measured_choice(monkeypatch):
+    sparse = _layer(sparsity=0.9)  # the rule would always take the tiles
+    FakeClock(monkeypatch, "tiles")
+    x = torch.randn(32, 96)
+    sparse(x)
+    monkeypatch.undo()
+    assert sparse._dispatch[(("", None), (32).bit_length())] is True
+    graph = []
+
+    def backend(gm, inputs):
+        graph.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(sparse, backend=backend, fullgraph=True)(x)
+    assert not any("balanced_linear_tiled" in name for name in graph)
+    torch.testing.assert_close(got, F.linear(x, sparse.to_dense().weight, sparse.bias))
