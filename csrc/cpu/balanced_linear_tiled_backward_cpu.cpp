@@ -140,14 +140,20 @@ void tiles_bank_grad(const float* g, int64_t out, const float* x, int64_t in, in
       acc[u][e] = load_prefix16(dv + entry, kTileRows);
     }
   }
+  const bool full = col + 16 * NREG <= in;  // every bank but a short last one
   int64_t valid[TT];
 #pragma GCC unroll 4
   for (int u = 0; u < TT; ++u) valid[u] = std::min(kTileRows, out - (t + u) * kTileRows);
   for (int64_t m = m0; m < m1; ++m) {
     F16 xr[NREG];
+    if (full) {
 #pragma GCC unroll 4
-    for (int r = 0; r < NREG; ++r) {
-      xr[r] = load_prefix16(x + m * in + col + 16 * r, in - col - 16 * r);
+      for (int r = 0; r < NREG; ++r) xr[r] = values16(x + m * in + col + 16 * r);
+    } else {
+#pragma GCC unroll 4
+      for (int r = 0; r < NREG; ++r) {
+        xr[r] = load_prefix16(x + m * in + col + 16 * r, in - col - 16 * r);
+      }
     }
 #pragma GCC unroll 4
     for (int u = 0; u < TT; ++u) {

@@ -51,11 +51,19 @@ inline void tile_permute(const V* tv, const uint8_t* ti, int64_t tile_stride, in
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t col = b * bank_size;
       F16 xr[NB][NREG];
+      if (col + 16 * NREG <= in) {  // every bank but a short last one: plain loads
 #pragma GCC unroll 4
-      for (int r = 0; r < NREG; ++r) {
+        for (int r = 0; r < NREG; ++r) {
 #pragma GCC unroll 8
-        for (int n = 0; n < NB; ++n) {
-          xr[n][r] = load_prefix16(x + n * ldx + col + 16 * r, in - col - 16 * r);
+          for (int n = 0; n < NB; ++n) xr[n][r] = values16(x + n * ldx + col + 16 * r);
+        }
+      } else {
+#pragma GCC unroll 4
+        for (int r = 0; r < NREG; ++r) {
+#pragma GCC unroll 8
+          for (int n = 0; n < NB; ++n) {
+            xr[n][r] = load_prefix16(x + n * ldx + col + 16 * r, in - col - 16 * r);
+          }
         }
       }
       const int64_t e0 = b * k * kTileRows;  // the bank's first entry in each tile
