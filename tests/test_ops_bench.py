@@ -106,7 +106,7 @@ def test_targets_and_markdown():
 def test_cli_dispatch(capsys):
     assert cli.main([]) == 2
     assert cli.main(["nope"]) == 2
-    assert "usage: bs-bench {kernels, lstm, model}" in capsys.readouterr().out
+    assert "usage: bs-bench {finetune, kernels, lstm, model}" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exc:
         cli.main(["kernels", "--help"])
     assert exc.value.code == 0

@@ -21,7 +21,13 @@ import torch
 from bs_lightning import ops
 
 TESTS = Path(__file__).parent
-KERNEL_TESTS = ["test_ops.py", "test_ops_tiled.py", "test_nn_linear.py", "test_nn_lstm.py"]
+KERNEL_TESTS = [
+    "test_ops.py",
+    "test_ops_tiled.py",
+    "test_ops_autograd.py",
+    "test_nn_linear.py",
+    "test_nn_lstm.py",
+]
 
 
 def _cpu_flags() -> set[str]:
