@@ -24,7 +24,6 @@ Writes `finetune.json` and `finetune.md` to `--out-dir` (default outside the rep
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
 import os
@@ -35,8 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bs_lightning.bench.device import load_average, machine_description
-from bs_lightning.bench.results import write_result
+from bs_lightning.bench.results import cpu_record, write_result
 from bs_lightning.bench.timing import interleaved_medians
 from bs_lightning.hf.loading import main_output
 
@@ -203,19 +201,10 @@ def main(argv=None) -> int:
     if args.child:
         return _child(args)
     name = Path(args.source).name or str(args.source)
-    date = dt.date.today().isoformat()
-    out = args.out_dir or Path.home() / "bs-lightning-results" / f"finetune-{name}-{date}"
-    record = {
-        "benchmark": "bs-bench finetune",
-        "source": str(args.source),
-        "date": date,
-        "machine": machine_description("cpu"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": load_average(),
-        **{k: getattr(args, k) for k in ("sparsity", "bank_size", "batch", "seq_len", "steps")},
-        "memory_steps": args.memory_steps,
-    }
+    record = cpu_record("bs-bench finetune", str(args.source))
+    out = args.out_dir or Path.home() / "bs-lightning-results" / f"finetune-{name}-{record['date']}"
+    fields = ("sparsity", "bank_size", "batch", "seq_len", "steps", "memory_steps")
+    record.update({k: getattr(args, k) for k in fields})
     models = {side: _build(args, side) for side in ("dense", "sparse")}
     steps = {side: _stepper(model, args)[0] for side, model in models.items()}
     print(f"timing {args.steps} steps of each model in turns", flush=True)

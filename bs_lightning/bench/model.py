@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
 import sys
 import time
 from collections.abc import Iterator
@@ -37,8 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bs_lightning.bench.device import load_average, machine_description
-from bs_lightning.bench.results import write_result
+from bs_lightning.bench.results import cpu_record, write_result
 from bs_lightning.bench.timing import measure_latency
 from bs_lightning.convert import conversion_report, convert_to_sparse, densify
 from bs_lightning.hf.loading import main_output
@@ -219,17 +217,10 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     name = Path(args.source).name or str(args.source)
-    date = dt.date.today().isoformat()
-    out = args.out_dir or Path.home() / "bs-lightning-results" / f"model-{name}-{date}"
+    record = cpu_record("bs-bench model", str(args.source))
+    out = args.out_dir or Path.home() / "bs-lightning-results" / f"model-{name}-{record['date']}"
     modes = ["eager", "compiled"] if args.compile else ["eager"]
-    record = {
-        "benchmark": "bs-bench model",
-        "source": str(args.source),
-        "date": date,
-        "machine": machine_description("cpu"),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average": load_average(),
+    record |= {
         "repeats": args.repeats,
         "bank_size": args.bank_size,
         "rows": [],

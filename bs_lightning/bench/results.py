@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 from pathlib import Path
 
-__all__ = ["write_result"]
+import torch
+
+from bs_lightning.bench.device import load_average, machine_description
+
+__all__ = ["cpu_record", "write_result"]
+
+
+def cpu_record(benchmark: str, source: str) -> dict:
+    """The header of a CPU benchmark's record: what ran, on what, when, and the load."""
+    return {
+        "benchmark": benchmark,
+        "source": source,
+        "date": dt.date.today().isoformat(),
+        "machine": machine_description("cpu"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "load_average": load_average(),
+    }
 
 
 def write_result(stem: Path, record: dict, markdown: str) -> tuple[Path, Path]:
