@@ -26,6 +26,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from bs_lightning.callbacks.sharding import (
+    check_shardable,
+    global_counts,
+    is_sharded,
+    local,
+    local_matrix,
+    local_to_param,
+    matrix_shape,
+)
 from bs_lightning.sparsity import (
     PlannedParam,
     PrunableParam,
@@ -35,15 +44,15 @@ from bs_lightning.sparsity import (
     find_prunable,
     is_pruning_step,
     make_pattern,
-    matrix_to_param,
     sparsity_at,
 )
 from bs_lightning.validation import glob_list
 
 __all__ = ["BalancedPruningCallback"]
 
-# strategies that shard or flatten parameters, so per-parameter masks cannot be applied
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy")
+# strategies that flatten parameters, so per-parameter masks cannot be applied (FSDP2 under
+# ModelParallelStrategy keeps them: see callbacks/sharding.py)
+_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
 _DEFAULT_SPARSITY = 0.9
 # 2: the pattern is stored with its options (`Pattern.to_dict`), and the sparsity plan
 _STATE_VERSION = 2
@@ -164,6 +173,7 @@ class BalancedPruningCallback(Callback):
         self._resolved_end: int | None = None
         self._loaded: dict[str, Any] | None = None
         self._hooks: list[Any] = []
+        self._sharded = False  # FSDP2 DTensor parameters: masks per rank (callbacks/sharding)
 
     # ---------------------------------------------------------------- validation
 
@@ -207,8 +217,9 @@ class BalancedPruningCallback(Callback):
         if bad:
             raise RuntimeError(
                 f"BalancedPruningCallback does not support {type(trainer.strategy).__name__}: "
-                f"it shards or flattens parameters, so per-parameter masks cannot be applied in "
-                f"place. Use a single device, 'ddp' or 'ddp_spawn'."
+                f"it flattens parameters, so per-parameter masks cannot be applied in place. "
+                f"Use a single device, 'ddp' or 'ddp_spawn', or shard with FSDP2: "
+                f"ModelParallelStrategy and fully_shard in configure_model."
             )
 
     # ---------------------------------------------------------------- hooks
@@ -246,6 +257,15 @@ class BalancedPruningCallback(Callback):
         self.layers = layers
 
     @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Checks that sharded parameters (FSDP2 shards them after `setup`) can be pruned
+        shard by shard, before any weight changes."""
+        strategy = type(trainer.strategy).__name__
+        for layer in self.layers.values():
+            check_shardable(layer.entry, self.pattern, strategy)
+        self._sharded = any(is_sharded(layer.entry.param) for layer in self.layers.values())
+
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Resolves `end_step`, restores masks after a resume, hooks the optimizers."""
         if self._loaded is not None:
@@ -256,6 +276,7 @@ class BalancedPruningCallback(Callback):
         for layer in self.layers.values():
             if layer.mask is not None:
                 self._install_mask(layer, layer.mask)
+        self._update_effective()
         self._zero_optimizer_state(trainer)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
@@ -349,7 +370,10 @@ class BalancedPruningCallback(Callback):
                 name: {
                     "shape": tuple(layer.entry.param.shape),
                     "keep": layer.keep,
-                    "mask": None if layer.mask is None else layer.mask.detach().cpu(),
+                    # a sharded run's masks differ per rank: rebuilt from the zeros on resume
+                    "mask": None
+                    if layer.mask is None or self._sharded
+                    else layer.mask.detach().cpu(),
                 }
                 for name, layer in self.layers.items()
             },
@@ -408,6 +432,9 @@ class BalancedPruningCallback(Callback):
             layer.keep = item["keep"]
             if item["mask"] is not None:
                 layer.mask = item["mask"].to(layer.entry.param.device)
+            elif self._sharded and layer.keep < layer.units:
+                # pruned weights are exact zeros: this rank's part of the mask
+                layer.mask = local(layer.entry.param).detach() != 0
         self.last_pruned_step = state.get("last_pruned_step")
         if saved_end is not None:
             self._resolved_end = saved_end
@@ -452,25 +479,27 @@ class BalancedPruningCallback(Callback):
                 layer.final,
                 self.initial_sparsity,
             )
-            matrix = layer.entry.matrix()
+            param = local(layer.entry.param)
+            matrix = local_matrix(layer.entry, param)
             if not bool(torch.isfinite(matrix).all()):
                 raise ValueError(
                     f"BalancedPruningCallback: {layer.entry.name!r} has NaN or inf weights at "
                     f"step {step}; masks ranked on them would be arbitrary (lower the learning "
                     f"rate or clip gradients)"
                 )
-            keep = layer.units if s_t == 0.0 else self.pattern.keep(matrix, s_t, layer.entry.name)
+            shape = matrix_shape(layer.entry)  # the whole matrix's: same keep on every rank
+            keep = layer.units if s_t == 0.0 else self.pattern.keep(shape, s_t, layer.entry.name)
             keep = max(layer.keep_final, min(layer.keep, keep))
             if keep == layer.keep:
                 continue
-            prev = None if layer.mask is None else layer.entry.matrix(layer.mask)
-            new = matrix_to_param(
-                layer.entry.module, layer.entry.param_name, self.pattern.mask(matrix, keep, prev)
-            )
+            prev = None if layer.mask is None else local_matrix(layer.entry, layer.mask)
+            new = local_to_param(layer.entry, self.pattern.mask(matrix, keep, prev), param.shape)
             layer.keep = keep
-            self._install_mask(layer, self._broadcast(new))
+            # replicated weights: rank 0's mask everywhere; sharded: each rank its own part
+            self._install_mask(layer, new if self._sharded else self._broadcast(new))
             changed = True
         if changed:
+            self._update_effective()
             self._apply_masks(self.layers.values(), grads=False)
             self._zero_optimizer_state(trainer)
         return changed
@@ -485,11 +514,25 @@ class BalancedPruningCallback(Callback):
         return as_bytes.bool()
 
     def _install_mask(self, layer: _Layer, mask: Tensor) -> None:
-        param = layer.entry.param
+        param = local(layer.entry.param)
         layer.mask = mask.to(param.device)
         # multiplying by a mask of the parameter's own dtype is the fastest in-place update
         layer.mask_mul = layer.mask.to(param.dtype)
-        layer.effective = 1.0 - float(layer.mask.sum()) / layer.mask.numel()
+
+    def _update_effective(self) -> None:
+        """Each layer's fraction of zeros its mask imposes, over all ranks' parts of it
+        (one all-reduce of counts when sharded)."""
+        masked = [layer for layer in self.layers.values() if layer.mask is not None]
+        if not masked:
+            return
+        counts = torch.tensor(
+            [[int(layer.mask.sum()), layer.mask.numel()] for layer in masked], dtype=torch.int64
+        )
+        if self._sharded:
+            device = masked[0].mask.device
+            counts = global_counts(counts.to(device)).cpu()
+        for layer, (kept, total) in zip(masked, counts.tolist(), strict=True):
+            layer.effective = 1.0 - kept / total if total else 0.0
 
     @staticmethod
     @torch.no_grad()
@@ -503,6 +546,7 @@ class BalancedPruningCallback(Callback):
             target = param.grad if grads else param
             if target is None:
                 continue
+            target = local(target)
             mask = layer.mask_mul
             if target.dtype != mask.dtype:  # e.g. fp32 gradients of a bf16 parameter
                 mask = mask.to(target.dtype)
@@ -521,6 +565,7 @@ class BalancedPruningCallback(Callback):
                 if layer.mask is None or not state:
                     continue
                 for value in state.values():
+                    value = local(value) if isinstance(value, Tensor) else value
                     if isinstance(value, Tensor) and value.shape == layer.mask.shape:
                         value.mul_(layer.mask.to(value.dtype))
 

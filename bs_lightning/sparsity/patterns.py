@@ -76,6 +76,13 @@ class Pattern(ABC):
         """The sparsity the pattern itself fixes (`1 - n/m` for N:M), else None."""
         return None
 
+    @property
+    def row_group(self) -> int | None:
+        """Columns of a row whose mask is decided on their own (a bank, an N:M group), so a
+        matrix split into whole groups can be pruned piece by piece with no communication;
+        None when the mask ranks a whole matrix (unstructured, block, vector)."""
+        return None
+
     @abstractmethod
     def units(self, matrix: torch.Tensor) -> int:
         """Keep-count with nothing pruned, for a `[out, in]` matrix view."""
@@ -157,6 +164,10 @@ class BalancedPattern(Pattern):
         check_int(self.bank_size, "bank_size")
         _check_convertible(self.bank_size, "bank_size")
 
+    @property
+    def row_group(self) -> int:
+        return self.bank_size
+
     def units(self, matrix: torch.Tensor) -> int:
         return self.bank_size
 
@@ -211,6 +222,10 @@ class NMPattern(Pattern):
     @property
     def fixed_sparsity(self) -> float | None:
         return 1.0 - self.n / self.m
+
+    @property
+    def row_group(self) -> int:
+        return self.m
 
     def units(self, matrix: torch.Tensor) -> int:
         return self.m

@@ -1,0 +1,87 @@
+"""Fits a small model under FSDP2 (`ModelParallelStrategy`, `fully_shard`, 2 CPU processes
+over gloo) with `BalancedPruningCallback`; rank 0 writes the full state dict and what the
+callback reports to `OUT/result.pt`.
+
+    python tests/helpers/fsdp2_fit.py OUT [PATTERN] [linear|conv1d] [BANK_SIZE]
+
+Lightning's launcher starts rank 1 by running this script again, which is why it is a
+script and not a test function.
+"""
+
+import sys
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+from torch.utils.data import DataLoader, TensorDataset
+from transformers.pytorch_utils import Conv1D
+
+from bs_lightning import BalancedPruningCallback
+
+
+class Net(LightningModule):
+    def __init__(self, gpt2_head: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 48)
+        # GPT-2's Conv1D keeps weight [in, out]: FSDP2 then shards its banked dimension
+        self.head = Conv1D(4, 48) if gpt2_head else nn.Linear(48, 4)
+
+    def configure_model(self):
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.fc1, self.fc2, self.head):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = "8") -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g))
+    options = {"bank_size": int(bank)} if pattern == "balanced" else {}
+    pruner = BalancedPruningCallback(
+        sparsity=0.75, pattern=pattern, frequency=2, end_step=6, verbose=False, **options
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        max_epochs=2,
+        callbacks=[pruner],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    model = Net(gpt2_head=head == "conv1d")
+    trainer.fit(model, DataLoader(data, batch_size=8))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if trainer.is_global_zero:
+        torch.save(
+            {
+                "state": {k: v.detach().cpu() for k, v in full.items()},
+                "report": pruner.sparsity_report(),
+                "keeps": {name: layer.keep for name, layer in pruner.layers.items()},
+                "plan": pruner.plan.to_dict(),
+            },
+            f"{out}/result.pt",
+        )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
