@@ -82,3 +82,16 @@ def test_shard_checks_name_the_parameter_and_the_pattern(one_process_group):
     check_shardable(conv1d, BalancedPattern(8), "ModelParallelStrategy")  # one shard: no split
     with pytest.raises(ValueError, match="pattern 'unstructured' ranks weights across a whole"):
         check_shardable(linear, UnstructuredPattern(), "ModelParallelStrategy")
+
+
+def test_fsdp2_resume_from_the_distributed_checkpoint_equals_an_uninterrupted_fit(tmp_path):
+    done = _fit(tmp_path, "resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "step4.ckpt").is_dir()  # Lightning's sharded checkpoint
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    straight, resumed = result["straight"], result["resumed"]
+    assert resumed["keeps"] == straight["keeps"]
+    assert resumed["last_pruned_step"] == straight["last_pruned_step"] == 4
+    for name, weight in straight["state"].items():
+        # masks rebuilt from each rank's zeros, then the same step-4 update: same weights
+        torch.testing.assert_close(resumed["state"][name], weight, rtol=0, atol=0)

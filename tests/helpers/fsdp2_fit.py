@@ -2,7 +2,7 @@
 over gloo) with `BalancedPruningCallback`; rank 0 writes the full state dict and what the
 callback reports to `OUT/result.pt`.
 
-    python tests/helpers/fsdp2_fit.py OUT [PATTERN] [linear|conv1d] [BANK_SIZE]
+    python tests/helpers/fsdp2_fit.py OUT [PATTERN|resume] [linear|conv1d] [BANK_SIZE]
 
 Lightning's launcher starts rank 1 by running this script again, which is why it is a
 script and not a test function.
@@ -47,40 +47,69 @@ class Net(LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
-def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = "8") -> None:
-    torch.manual_seed(0)
+def _data() -> DataLoader:
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(64, 32, generator=g), torch.randint(0, 4, (64,), generator=g))
-    options = {"bank_size": int(bank)} if pattern == "balanced" else {}
-    pruner = BalancedPruningCallback(
-        sparsity=0.75, pattern=pattern, frequency=2, end_step=6, verbose=False, **options
-    )
+    return DataLoader(data, batch_size=8)
+
+
+def _fit(model, pruner, ckpt_path=None, **limits) -> Trainer:
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
-        max_epochs=2,
         callbacks=[pruner],
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        **limits,
     )
-    model = Net(gpt2_head=head == "conv1d")
-    trainer.fit(model, DataLoader(data, batch_size=8))
+    trainer.fit(model, _data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _result(trainer, model, pruner) -> dict:
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    if trainer.is_global_zero:
-        torch.save(
-            {
-                "state": {k: v.detach().cpu() for k, v in full.items()},
-                "report": pruner.sparsity_report(),
-                "keeps": {name: layer.keep for name, layer in pruner.layers.items()},
-                "plan": pruner.plan.to_dict(),
-            },
-            f"{out}/result.pt",
+    return {
+        "state": {k: v.detach().cpu() for k, v in full.items()},
+        "report": pruner.sparsity_report(),
+        "keeps": {name: layer.keep for name, layer in pruner.layers.items()},
+        "plan": pruner.plan.to_dict(),
+        "last_pruned_step": pruner.last_pruned_step,
+    }
+
+
+def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = "8") -> None:
+    """`pattern` "resume": a fit stopped at step 4 and resumed from its distributed
+    checkpoint, beside an uninterrupted one (`result.pt` holds both)."""
+    resume = pattern == "resume"
+    pattern = "balanced" if resume else pattern
+    options = {"bank_size": int(bank)} if pattern == "balanced" else {}
+
+    def pruner():
+        return BalancedPruningCallback(
+            sparsity=0.75, pattern=pattern, frequency=2, end_step=6, verbose=False, **options
         )
+
+    torch.manual_seed(0)
+    model, callback = Net(gpt2_head=head == "conv1d"), pruner()
+    trainer = _fit(model, callback, max_epochs=2)
+    results = {"straight": _result(trainer, model, callback)}
+    if resume:
+        torch.manual_seed(0)
+        model, callback = Net(), pruner()
+        # the end of epoch 0 (4 steps of 2 x 8 samples): an unshuffled loader resumes there
+        trainer = _fit(model, callback, max_steps=4)
+        trainer.save_checkpoint(f"{out}/step4.ckpt")  # a distributed checkpoint (folder)
+        torch.manual_seed(1)  # the resumed run must not depend on its own initialisation
+        model, callback = Net(), pruner()
+        trainer = _fit(model, callback, ckpt_path=f"{out}/step4.ckpt", max_epochs=2)
+        results["resumed"] = _result(trainer, model, callback)
+    if trainer.is_global_zero:
+        torch.save(results if resume else results["straight"], f"{out}/result.pt")
 
 
 if __name__ == "__main__":
