@@ -41,6 +41,10 @@ def test_fsdp2_fit_reaches_exact_balanced_banks(tmp_path):
         assert (per_bank == 2).all(), name  # every bank of every rank's rows: 2 of 8
     planned = {e["module"]: e["keep"] for e in result["plan"]["params"]}
     assert planned == {"fc1": 2, "fc2": 2, "head": 2}
+    # the full state dict loads into the plain model, which converts with the plan
+    converted = result["converted"]
+    assert set(converted["types"].values()) == {"BalancedSparseLinear"}
+    assert converted["max_diff"] < 1e-5
 
 
 def test_fsdp2_refuses_a_pattern_that_ranks_the_whole_matrix(tmp_path):

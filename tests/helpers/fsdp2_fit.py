@@ -19,7 +19,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 from transformers.pytorch_utils import Conv1D
 
-from bs_lightning import BalancedPruningCallback
+from bs_lightning import BalancedPruningCallback, SparsityPlan, convert_to_sparse
 
 
 class Net(LightningModule):
@@ -109,7 +109,21 @@ def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = 
         trainer = _fit(model, callback, ckpt_path=f"{out}/step4.ckpt", max_epochs=2)
         results["resumed"] = _result(trainer, model, callback)
     if trainer.is_global_zero:
+        if not resume:
+            results["straight"]["converted"] = _convert_gathered(results["straight"], head)
         torch.save(results if resume else results["straight"], f"{out}/result.pt")
+
+
+def _convert_gathered(result: dict, head: str) -> dict:
+    """The gathered weights in a plain model, converted with the callback's plan."""
+    plain = Net(gpt2_head=head == "conv1d").eval()
+    plain.load_state_dict(result["state"])
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        expected = plain(x)
+        convert_to_sparse(plain, plan=SparsityPlan.from_dict(result["plan"]))
+        diff = (plain(x) - expected).abs().max().item()
+    return {"types": {n: type(m).__name__ for n, m in plain.named_children()}, "max_diff": diff}
 
 
 if __name__ == "__main__":
