@@ -2,7 +2,7 @@
 over gloo) with `BalancedPruningCallback`; rank 0 writes the full state dict and what the
 callback reports to `OUT/result.pt`.
 
-    python tests/helpers/fsdp2_fit.py OUT [PATTERN|resume] [linear|conv1d] [BANK_SIZE]
+    python tests/helpers/fsdp2_fit.py OUT [PATTERN|resume|resume-full] [linear|conv1d] [BANK]
 
 Lightning's launcher starts rank 1 by running this script again, which is why it is a
 script and not a test function.
@@ -53,11 +53,13 @@ def _data() -> DataLoader:
     return DataLoader(data, batch_size=8)
 
 
-def _fit(model, pruner, ckpt_path=None, **limits) -> Trainer:
+def _fit(model, pruner, ckpt_path=None, distributed=True, **limits) -> Trainer:
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+        strategy=ModelParallelStrategy(
+            data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=distributed
+        ),
         callbacks=[pruner],
         logger=False,
         enable_progress_bar=False,
@@ -83,9 +85,10 @@ def _result(trainer, model, pruner) -> dict:
 
 
 def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = "8") -> None:
-    """`pattern` "resume": a fit stopped at step 4 and resumed from its distributed
-    checkpoint, beside an uninterrupted one (`result.pt` holds both)."""
-    resume = pattern == "resume"
+    """`pattern` "resume" ("resume-full"): a fit stopped at step 4 and resumed from its
+    distributed (full) checkpoint, beside an uninterrupted one (`result.pt` holds both)."""
+    resume = pattern in ("resume", "resume-full")
+    distributed = pattern != "resume-full"  # else one full checkpoint file
     pattern = "balanced" if resume else pattern
     options = {"bank_size": int(bank)} if pattern == "balanced" else {}
 
@@ -102,8 +105,8 @@ def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = 
         torch.manual_seed(0)
         model, callback = Net(), pruner()
         # the end of epoch 0 (4 steps of 2 x 8 samples): an unshuffled loader resumes there
-        trainer = _fit(model, callback, max_steps=4)
-        trainer.save_checkpoint(f"{out}/step4.ckpt")  # a distributed checkpoint (folder)
+        trainer = _fit(model, callback, distributed=distributed, max_steps=4)
+        trainer.save_checkpoint(f"{out}/step4.ckpt")  # a folder when distributed
         torch.manual_seed(1)  # the resumed run must not depend on its own initialisation
         model, callback = Net(), pruner()
         trainer = _fit(model, callback, ckpt_path=f"{out}/step4.ckpt", max_epochs=2)
