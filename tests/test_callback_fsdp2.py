@@ -33,17 +33,23 @@ def test_fsdp2_fit_reaches_exact_balanced_banks(tmp_path):
     done = _fit(tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     result = torch.load(tmp_path / "result.pt", weights_only=False)
-    assert result["keeps"] == {"fc1.weight": 2, "fc2.weight": 2, "head.weight": 2}
+    assert result["keeps"] == {"fc1.weight": 2, "proj.weight": 2, "head.weight": 2}
     assert result["report"]["sparsity/overall"] == pytest.approx(0.75)
-    for name in ("fc1.weight", "fc2.weight", "head.weight"):
+    for name in ("fc1.weight", "proj.weight", "head.weight"):
         weight = result["state"][name]
+        if name == "proj.weight":
+            weight = weight.t()  # Conv1D [in, out]: its input columns were sharded 24 + 24
         per_bank = (weight != 0).reshape(weight.shape[0], -1, 8).sum(-1)
-        assert (per_bank == 2).all(), name  # every bank of every rank's rows: 2 of 8
+        assert (per_bank == 2).all(), name  # every bank of every rank's part: 2 of 8
     planned = {e["module"]: e["keep"] for e in result["plan"]["params"]}
-    assert planned == {"fc1": 2, "fc2": 2, "head": 2}
+    assert planned == {"fc1": 2, "proj": 2, "head": 2}
     # the full state dict loads into the plain model, which converts with the plan
     converted = result["converted"]
-    assert set(converted["types"].values()) == {"BalancedSparseLinear"}
+    assert converted["types"] == {
+        "fc1": "BalancedSparseLinear",
+        "proj": "BalancedSparseConv1D",
+        "head": "BalancedSparseLinear",
+    }
     assert converted["max_diff"] < 1e-5
 
 
@@ -55,16 +61,11 @@ def test_fsdp2_refuses_a_pattern_that_ranks_the_whole_matrix(tmp_path):
 
 
 def test_fsdp2_refuses_shards_that_split_banks(tmp_path):
-    # Conv1D(4, 48): weight [48, 4], FSDP2 splits its 48 input columns into 24 + 24, which is
-    # 3 banks of 8 each; banks of 16 would be split
-    done = _fit(tmp_path, "balanced", "conv1d")
-    assert done.returncode == 0, done.stderr[-2000:]
-    result = torch.load(tmp_path / "result.pt", weights_only=False)
-    weight = result["state"]["head.weight"].t()  # [out, in]
-    assert ((weight != 0).reshape(4, -1, 8).sum(-1) == 2).all()
-    done = _fit(tmp_path / "16", "balanced", "conv1d", "16")
+    # banks of 16 across the Conv1D's 24 + 24 sharded input columns
+    done = _fit(tmp_path, "balanced", "16")
     assert done.returncode != 0
-    assert "splits the columns of 'head.weight' (48 along dim 0 in 2 shards)" in done.stderr
+    assert "splits the columns of 'proj.weight' (48 along dim 0 in 2 shards)" in done.stderr
+    assert not (tmp_path / "result.pt").exists()
 
 
 @pytest.fixture

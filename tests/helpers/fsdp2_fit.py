@@ -2,7 +2,7 @@
 over gloo) with `BalancedPruningCallback`; rank 0 writes the full state dict and what the
 callback reports to `OUT/result.pt`.
 
-    python tests/helpers/fsdp2_fit.py OUT [PATTERN|resume|resume-full] [linear|conv1d] [BANK]
+    python tests/helpers/fsdp2_fit.py OUT [PATTERN|resume|resume-full] [BANK_SIZE]
 
 Lightning's launcher starts rank 1 by running this script again, which is why it is a
 script and not a test function.
@@ -23,21 +23,22 @@ from bs_lightning import BalancedPruningCallback, SparsityPlan, convert_to_spars
 
 
 class Net(LightningModule):
-    def __init__(self, gpt2_head: bool = False):
+    def __init__(self):
         super().__init__()
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 48)
-        # GPT-2's Conv1D keeps weight [in, out]: FSDP2 then shards its banked dimension
-        self.head = Conv1D(4, 48) if gpt2_head else nn.Linear(48, 4)
+        self.fc1 = nn.Linear(32, 48)
+        # GPT-2's Conv1D keeps weight [in, out]: FSDP2 shards its banked dimension (48 input
+        # columns -> 24 + 24: whole banks of 8, not of 16)
+        self.proj = Conv1D(48, 48)
+        self.head = nn.Linear(48, 4)
 
     def configure_model(self):
         mesh = self.device_mesh["data_parallel"]
-        for layer in (self.fc1, self.fc2, self.head):
+        for layer in (self.fc1, self.proj, self.head):
             fully_shard(layer, mesh=mesh)
         fully_shard(self, mesh=mesh)
 
     def forward(self, x):
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+        return self.head(torch.relu(self.proj(torch.relu(self.fc1(x)))))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -84,7 +85,7 @@ def _result(trainer, model, pruner) -> dict:
     }
 
 
-def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = "8") -> None:
+def main(out: str, pattern: str = "balanced", bank: str = "8") -> None:
     """`pattern` "resume" ("resume-full"): a fit stopped at step 4 and resumed from its
     distributed (full) checkpoint, beside an uninterrupted one (`result.pt` holds both)."""
     resume = pattern in ("resume", "resume-full")
@@ -98,7 +99,7 @@ def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = 
         )
 
     torch.manual_seed(0)
-    model, callback = Net(gpt2_head=head == "conv1d"), pruner()
+    model, callback = Net(), pruner()
     trainer = _fit(model, callback, max_epochs=2)
     results = {"straight": _result(trainer, model, callback)}
     if resume:
@@ -113,13 +114,13 @@ def main(out: str, pattern: str = "balanced", head: str = "linear", bank: str = 
         results["resumed"] = _result(trainer, model, callback)
     if trainer.is_global_zero:
         if not resume:
-            results["straight"]["converted"] = _convert_gathered(results["straight"], head)
+            results["straight"]["converted"] = _convert_gathered(results["straight"])
         torch.save(results if resume else results["straight"], f"{out}/result.pt")
 
 
-def _convert_gathered(result: dict, head: str) -> dict:
+def _convert_gathered(result: dict) -> dict:
     """The gathered weights in a plain model, converted with the callback's plan."""
-    plain = Net(gpt2_head=head == "conv1d").eval()
+    plain = Net().eval()
     plain.load_state_dict(result["state"])
     x = torch.randn(5, 32)
     with torch.no_grad():
