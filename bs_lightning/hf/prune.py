@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import torch
 import transformers
 from torch import nn
 
@@ -17,7 +18,10 @@ from bs_lightning.sparsity import (
     SparsityPlan,
     prune_once_,
 )
+from bs_lightning.sparsity.calibration import input_norms, wanda_scores
 from bs_lightning.validation import check_bank_size
+
+METHODS = ("magnitude", "wanda")  # one-shot pruning criteria of prune_and_convert
 
 __all__ = ["prune_and_convert", "prune_balanced_"]
 
@@ -46,6 +50,20 @@ def prune_balanced_(
     return prune_once_(_as_params(layers), BalancedPattern(check_bank_size(bank_size)), sparsity)
 
 
+def _input_norms(model, params, calibration) -> dict[str, torch.Tensor]:
+    """Input column norms of the selected layers over `calibration`, in eval mode."""
+    training = model.training
+    model.eval()
+    try:
+        return input_norms(
+            lambda batch: model(**batch) if isinstance(batch, Mapping) else model(batch),
+            params,
+            calibration,
+        )
+    finally:
+        model.train(training)
+
+
 def _plan_of_pruned(model: nn.Module, params: list[PrunableParam], bank_size: int) -> SparsityPlan:
     """The plan of already pruned layers: the one recorded for them, else read from zeros."""
     recorded = SparsityPlan.recorded(model)
@@ -70,6 +88,8 @@ def prune_and_convert(
     bank_size: int = 32,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    method: str = "magnitude",
+    calibration: Iterable[Mapping[str, torch.Tensor]] | None = None,
 ) -> transformers.PreTrainedModel:
     """Prunes the selected layers to balanced sparsity and swaps in sparse modules, in place.
 
@@ -87,6 +107,11 @@ def prune_and_convert(
         bank_size: columns per bank `B` in [1, 256]; `k = round(B * (1 - sparsity))`.
         include: glob(s) on module names selecting the layers instead of the default rule.
         exclude: glob(s) on module names to leave dense.
+        method: `"magnitude"` (keep the largest |w| of every bank) or `"wanda"` (keep the
+            largest `|w| * ||x_c||`, the input column's norm over `calibration`; see
+            `bs_lightning.sparsity.calibration`).
+        calibration: for `"wanda"`, an iterable of model-input batches (dicts as a
+            tokenizer returns them), run in eval mode without gradients.
 
     Returns:
         `model`, whose selected layers are now `BalancedSparseLinear` (for `nn.Linear`) or
@@ -96,15 +121,26 @@ def prune_and_convert(
         TypeError: when `model` is not a `PreTrainedModel`, or an include glob names a layer
             that cannot be converted.
         ValueError: when `sparsity` or `bank_size` are invalid (also for a layer, naming
-            it), a glob matches nothing, or with `sparsity=None` a layer is not balanced or
-            no selected layer is pruned. The model is unchanged after any error.
+            it), a glob matches nothing, with `sparsity=None` a layer is not balanced or
+            no selected layer is pruned, `method` is unknown, or its calibration is missing,
+            empty or cannot be run by the model. The model is unchanged after any error.
     """
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"model must be a transformers.PreTrainedModel, got {type(model).__name__}")
     check_bank_size(bank_size)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    if method == "wanda" and (sparsity is None or calibration is None):
+        raise ValueError(
+            "method 'wanda' needs a sparsity and calibration batches (an iterable of model "
+            "inputs, e.g. tokenizer outputs)"
+        )
     params = select_params(model, include, exclude)
     if sparsity is not None:
-        plan = prune_once_(params, BalancedPattern(bank_size), sparsity)
+        scores = None
+        if method == "wanda":
+            scores = wanda_scores(params, _input_norms(model, params, calibration))
+        plan = prune_once_(params, BalancedPattern(bank_size), sparsity, scores)
     else:
         plan = _plan_of_pruned(model, params, bank_size)
     if not any(e.compact_layout[1] < e.compact_layout[0] for e in plan if e.compact_layout):
