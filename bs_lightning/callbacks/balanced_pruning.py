@@ -31,8 +31,6 @@ from bs_lightning.callbacks.sharding import (
     global_counts,
     is_sharded,
     local,
-    local_matrix,
-    local_to_param,
     matrix_shape,
 )
 from bs_lightning.sparsity import (
@@ -44,8 +42,10 @@ from bs_lightning.sparsity import (
     find_prunable,
     is_pruning_step,
     make_pattern,
+    matrix_to_param,
     sparsity_at,
 )
+from bs_lightning.sparsity.params import as_matrix
 from bs_lightning.validation import glob_list
 
 __all__ = ["BalancedPruningCallback"]
@@ -480,7 +480,7 @@ class BalancedPruningCallback(Callback):
                 self.initial_sparsity,
             )
             param = local(layer.entry.param)
-            matrix = local_matrix(layer.entry, param)
+            matrix = as_matrix(layer.entry.module, param)
             if not bool(torch.isfinite(matrix).all()):
                 raise ValueError(
                     f"BalancedPruningCallback: {layer.entry.name!r} has NaN or inf weights at "
@@ -492,8 +492,10 @@ class BalancedPruningCallback(Callback):
             keep = max(layer.keep_final, min(layer.keep, keep))
             if keep == layer.keep:
                 continue
-            prev = None if layer.mask is None else local_matrix(layer.entry, layer.mask)
-            new = local_to_param(layer.entry, self.pattern.mask(matrix, keep, prev), param.shape)
+            prev = None if layer.mask is None else as_matrix(layer.entry.module, layer.mask)
+            entry = layer.entry
+            mask = self.pattern.mask(matrix, keep, prev)
+            new = matrix_to_param(entry.module, entry.param_name, mask, param.shape)
             layer.keep = keep
             # replicated weights: rank 0's mask everywhere; sharded: each rank its own part
             self._install_mask(layer, new if self._sharded else self._broadcast(new))

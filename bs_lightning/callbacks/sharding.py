@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from bs_lightning.sparsity import PrunableParam
-from bs_lightning.sparsity.params import is_transposed
+from bs_lightning.sparsity.params import as_matrix, is_transposed
 from bs_lightning.sparsity.patterns import Pattern
 
 try:
@@ -31,8 +31,6 @@ __all__ = [
     "global_counts",
     "is_sharded",
     "local",
-    "local_matrix",
-    "local_to_param",
     "matrix_shape",
 ]
 
@@ -45,20 +43,6 @@ def is_sharded(t: Tensor | None) -> bool:
 def local(t: Tensor) -> Tensor:
     """The part of `t` this rank holds (`t` itself when not sharded)."""
     return t.to_local() if is_sharded(t) else t
-
-
-def local_matrix(entry: PrunableParam, tensor: Tensor) -> Tensor:
-    """`matrix_view` of a local part (or a tensor of its shape): `[rows, cols]` held here."""
-    if is_transposed(entry.module):
-        return tensor.t()
-    return tensor.reshape(tensor.shape[0], -1)
-
-
-def local_to_param(entry: PrunableParam, matrix: Tensor, shape: torch.Size) -> Tensor:
-    """Inverse of `local_matrix` for a local part of `shape`."""
-    if is_transposed(entry.module):
-        return matrix.t().reshape(shape)
-    return matrix.reshape(shape)
 
 
 def check_shardable(entry: PrunableParam, pattern: Pattern, strategy: str) -> None:
@@ -106,8 +90,4 @@ def global_counts(counts: Tensor) -> Tensor:
 def matrix_shape(entry: PrunableParam) -> Tensor:
     """A meta tensor of the whole matrix view's shape (global for a sharded parameter), for
     the shape-only keep-count rules."""
-    shape = entry.param.shape
-    rows, cols = (shape[1], shape[0]) if is_transposed(entry.module) else (shape[0], -1)
-    if cols == -1:
-        cols = entry.param.numel() // max(1, rows)
-    return torch.empty(rows, cols, device="meta")
+    return as_matrix(entry.module, torch.empty(entry.param.shape, device="meta"))

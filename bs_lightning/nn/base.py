@@ -223,9 +223,10 @@ class BalancedSparseModule(nn.Module):
         if not self._tiles_apply(x, values, bank_size):
             return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
         key = (prefix, None if rows is None else (rows.start, rows.stop))
-        tile_values, tile_indices = self._tiles(key, values, indices)
+        tiles = self._tiles(key, values, indices)
+        tile_values, tile_indices = tiles
         weight = None
-        if self.dense_fallback and self._dense_wins(key, x, bias, values, indices):
+        if self.dense_fallback and self._dense_wins(key, x, bias, values, indices, tiles):
             weight = self._dense_copy(key, values, indices)
         if rows is None and not (values.is_inference() or indices.is_inference()):
             bucket = x.numel().bit_length()  # the plan serves inputs of this size class
@@ -262,7 +263,7 @@ class BalancedSparseModule(nn.Module):
             lambda: unpack_balanced(values, indices, bank_size, in_features),
         )
 
-    def _dense_wins(self, key: tuple, x, bias, values, indices) -> bool:
+    def _dense_wins(self, key: tuple, x, bias, values, indices, tiles) -> bool:
         """Whether `F.linear` on the dense copy runs inputs like `x` faster than the tile
         kernel: measured once per matrix and size class of `x` (`measured_dispatch`), from
         `MEASURE_MIN_ROWS` input rows on; else, and below, the rule `ops.dense_crossover`.
@@ -274,18 +275,19 @@ class BalancedSparseModule(nn.Module):
         choice = self._dispatch.get(choice_key)
         if choice is None:
             if self.measured_dispatch and batch >= MEASURE_MIN_ROWS:
-                choice = self._measure_dense_wins(key, x, bias, values, indices)
+                choice = self._measure_dense_wins(key, x, bias, values, indices, tiles)
             else:
                 choice = batch >= ops.dense_crossover(k, bank_size)
             self._dispatch[choice_key] = choice
         return choice
 
-    def _measure_dense_wins(self, key: tuple, x, bias, values, indices) -> bool:
-        """Times the tile kernel and `F.linear` on the dense copy on `x` itself, in turns
-        (best of `MEASURE_REPEATS` each); drops the dense copy again when the tiles win."""
+    def _measure_dense_wins(self, key: tuple, x, bias, values, indices, tiles) -> bool:
+        """Times the tile kernel (on `tiles`) and `F.linear` on the dense copy on `x` itself,
+        in turns (best of `MEASURE_REPEATS` each); drops the dense copy again when the tiles
+        win."""
         prefix, rows = key
         _, in_features, bank_size, _ = self._layouts[prefix]
-        tile_values, tile_indices = self._tiles(key, values, indices)
+        tile_values, tile_indices = tiles
         weight = self._dense_copy(key, values, indices)
         out_features = values.size(0)
         best = {"tiles": math.inf, "dense": math.inf}

@@ -91,26 +91,35 @@ def matrix_view(
             f"{type(module).__name__}.{param_name} has shape {tuple(param.shape)}; only "
             f"parameters with >= 2 dimensions have a matrix view"
         )
+    return as_matrix(module, t)
+
+
+def as_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """`matrix_view`'s transform without its checks, for any tensor laid out like one of
+    `module`'s weights (e.g. the rows of it one rank holds under sharded training)."""
     if is_transposed(module):
         return t.t()
     return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # not -1: a 0-row weight has no -1
 
 
-def matrix_to_param(module: nn.Module, param_name: str, matrix: torch.Tensor) -> torch.Tensor:
+def matrix_to_param(
+    module: nn.Module, param_name: str, matrix: torch.Tensor, shape: torch.Size | None = None
+) -> torch.Tensor:
     """Inverse of `matrix_view`: turns an `[out, in]` tensor back into the parameter's shape.
 
     Args:
         module: the module owning the parameter.
         param_name: the parameter's name inside `module`.
         matrix: `[out, in]` tensor (e.g. a mask computed on the matrix view).
+        shape: the shape to restore instead of the parameter's (a local part of it).
 
     Returns:
-        Tensor of the parameter's shape.
+        Tensor of the parameter's shape (or `shape`).
     """
-    param = module._parameters[param_name]
+    shape = module._parameters[param_name].shape if shape is None else shape
     if is_transposed(module):
-        return matrix.t().reshape(param.shape)
-    return matrix.reshape(param.shape)
+        return matrix.t().reshape(shape)
+    return matrix.reshape(shape)
 
 
 def default_prunable_names(module: nn.Module) -> list[str]:
