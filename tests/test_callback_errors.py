@@ -31,7 +31,7 @@ from bs_lightning import BalancedPruningCallback
         ),
         (
             {"pattern": "random"},
-            r"pattern must be one of \['balanced', 'nm', 'unstructured', 'block', 'vector'\], got 'random'",
+            r"pattern must be one of \['balanced', 'nm', 'unstructured', 'row', 'block', 'vector'\], got 'random'",
         ),
         (
             {"schedule": "exp"},

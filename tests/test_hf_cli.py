@@ -2,6 +2,7 @@
 installed."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -80,6 +81,63 @@ def test_cli_include_exclude_and_model_class(tmp_path):
 def test_cli_errors(bert_dir, tmp_path, extra, match):
     with pytest.raises(SystemExit, match=match):
         convert_cli(["--model", str(bert_dir), "--out", str(tmp_path / "o"), *extra, *FAST])
+
+
+@pytest.fixture(scope="module")
+def bert_with_tokenizer(tmp_path_factory):
+    """A tiny BERT folder with a word-level BERT tokenizer of its 64-token vocabulary."""
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("cli") / "bert_tok"
+    tiny_bert(vocab_size=64).save_pretrained(folder)
+    words = [f"w{i}" for i in range(59)]
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    texts = folder.parent / "calibration.txt"
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[i] for i in torch.randint(59, (9,), generator=g)) for _ in range(40)]
+    texts.write_text("\n".join(["", *lines]) + "\n")  # a blank line is skipped
+    return folder, texts
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_cli_calibrated_method(bert_with_tokenizer, tmp_path, capsys, method):
+    folder, texts = bert_with_tokenizer
+    args = ["--model", str(folder), "--sparsity", "0.75", "--bank-size", "16"]
+    calibration = ["--method", method, "--calibration", str(texts)]
+    summary = convert_cli(
+        [*args, *calibration, "--calibration-samples", "20", "--out", str(tmp_path / "o"), *FAST]
+    )
+    assert summary["method"] == method and summary["calibration_samples"] == 20
+    assert f"12 layers converted (pruned by {method}, 20 samples)" in capsys.readouterr().out
+    assert all((row["bank_size"], row["k"]) == (16, 4) for row in summary["layers"])
+    magnitude = convert_cli([*args, "--out", str(tmp_path / "m"), *FAST])
+    assert magnitude["method"] == "magnitude" and magnitude["calibration_samples"] == 0
+    calibrated, plain = load_sparse(tmp_path / "o"), load_sparse(tmp_path / "m")
+    assert calibrated.state_dict().keys() == plain.state_dict().keys()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--method", "sparsegpt"], "--method sparsegpt needs --calibration FILE"),
+        (["--method", "wanda", "--calibration", "missing.txt"], "is not a file"),
+        (["--method", "obs"], "invalid choice: 'obs'"),
+        (["--calibration-samples", "0", "--calibration", "CAL"], "--calibration-samples must be"),
+        (["--method", "wanda", "--calibration", "EMPTY"], "has no text lines"),
+    ],
+)
+def test_cli_calibration_errors(bert_with_tokenizer, tmp_path, capsys, extra, match):
+    folder, texts = bert_with_tokenizer
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    extra = [{"CAL": str(texts), "EMPTY": str(empty)}.get(a, a) for a in extra]
+    base = ["--model", str(folder), "--sparsity", "0.5", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as raised:
+        convert_cli([*base, *extra, *FAST])
+    assert re.search(match, str(raised.value) + capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
 
 
 def test_densify_restores_pruned_dense_layers(bert_dir, tmp_path):

@@ -63,20 +63,36 @@ def test_wanda_and_magnitude_choose_different_weights():
     )
 
 
+_GOOD = {"input_ids": torch.ones(2, 4, dtype=torch.long)}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"method": "obs"}, r"method must be one of \['magnitude', 'wanda'\], got 'obs'"),
-        ({"method": "wanda"}, "method 'wanda' needs a sparsity and calibration batches"),
-        ({"method": "wanda", "calibration": []}, "calibration is empty"),
         (
-            {"method": "wanda", "calibration": [{"input_ids": torch.zeros(2, 4)}]},
-            "calibration batch 0 cannot be run by the model",
+            {"method": "obs"},
+            r"method must be one of \['magnitude', 'wanda', 'sparsegpt'\], got 'obs'",
         ),
-        (
-            {"method": "wanda", "calibration": [{"pixel_values": torch.zeros(2, 4)}]},
-            "calibration batch 0 cannot be run by the model: .*input_ids or inputs_embeds",
-        ),
+        *[
+            case
+            for method in ("wanda", "sparsegpt")
+            for case in (
+                ({"method": method}, f"method '{method}' needs calibration batches"),
+                ({"method": method, "calibration": []}, "calibration is empty"),
+                (
+                    {"method": method, "calibration": [{"input_ids": torch.zeros(2, 4)}]},
+                    "calibration batch 0 cannot be run by the model",
+                ),
+                (
+                    {"method": method, "calibration": [{"pixel_values": torch.zeros(2, 4)}]},
+                    "calibration batch 0 cannot be run by the model: .*input_ids or inputs_embeds",
+                ),
+                (  # a later batch fails: still before any weight changes
+                    {"method": method, "calibration": [_GOOD, _GOOD, {"bad": 1}]},
+                    "calibration batch 2 cannot be run by the model",
+                ),
+            )
+        ],
     ],
 )
 def test_bad_method_or_calibration_changes_nothing(kwargs, match):

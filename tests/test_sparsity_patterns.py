@@ -105,7 +105,7 @@ def test_pattern_fixed_sparsity():
     [
         (
             {"pattern": "diagonal"},
-            r"pattern must be one of \['balanced', 'nm', 'unstructured', 'block', 'vector'\], got 'diagonal'",
+            r"pattern must be one of \['balanced', 'nm', 'unstructured', 'row', 'block', 'vector'\], got 'diagonal'",
         ),
         ({"bank_size": 0}, r"bank_size must be an integer >= 1, got 0"),
         ({"pattern": "nm", "n": 5, "m": 4}, r"n must be an integer in \[1, m=4\], got 5"),
@@ -169,3 +169,19 @@ def test_mask_errors(fn, kwargs, match):
 def test_scalar_weight_raises():
     with pytest.raises(ValueError, match="at least one dimension"):
         unstructured_mask(torch.tensor(2.0), 0.5)
+
+
+def test_row_pattern_keeps_the_largest_of_each_row():
+    pattern = make_pattern("row")
+    w = torch.tensor([[1.0, -9, 3, 2], [8.0, 7, 6, 5], [0.5, 0, 0, -0.25]])
+    keep = pattern.keep(w, 0.5, "fc")
+    assert keep == 2 and pattern.units(w) == 4 and not pattern.converts
+    assert pattern.mask(w, keep).int().tolist() == [[0, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 1]]
+    # a previously pruned weight stays pruned even when it is the largest
+    prev = torch.ones(3, 4, dtype=torch.bool)
+    prev[1, 0] = False
+    assert pattern.mask(w, keep, prev)[1].int().tolist() == [0, 1, 1, 0]
+    with pytest.raises(
+        ValueError, match=r"0.9 for layer 'fc' keeps round\(4 \* \(1 - 0.9\)\) = 0 weights"
+    ):
+        pattern.keep(w, 0.9, "fc")

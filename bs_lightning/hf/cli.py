@@ -1,10 +1,13 @@
 """`bs-convert-hf`: prune a Hugging Face model to balanced sparsity, convert, save, compare.
 
     bs-convert-hf --model PATH --sparsity 0.9 --bank-size 32 --out DIR \\
-        [--include GLOB ...] [--exclude GLOB ...]
+        [--include GLOB ...] [--exclude GLOB ...] \\
+        [--method sparsegpt --calibration FILE [--calibration-samples 128]]
 
 Loads the model from a local folder (or `all-MiniLM-L6-v2`, or a hub id when online), prunes
-the selected layers one-shot (`bs_lightning.hf.prune_and_convert`), saves the compact model
+the selected layers one-shot (`bs_lightning.hf.prune_and_convert`: by magnitude, or by Wanda
+or SparseGPT calibrated on the first samples of a text file, one per line, tokenised with the
+model's tokenizer), saves the compact model
 (`save_sparse`) and prints per-layer sparsity, the size of the weights before and after, the
 largest output difference to the pruned dense model and the latency of one forward pass of
 dense vs sparse on the local device (median, timed in turns).
@@ -26,6 +29,7 @@ from bs_lightning.convert import densify
 from bs_lightning.hf.io import MARKER_FILE, dedupe_state, save_sparse, sparse_layers
 from bs_lightning.hf.loading import load_pretrained, main_output
 from bs_lightning.hf.prune import prune_and_convert
+from bs_lightning.sparsity.oneshot import METHODS
 
 DTYPES = {
     "auto": None,
@@ -47,6 +51,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the compact model")
     p.add_argument("--include", nargs="+", default=None, help="module-name globs to convert")
     p.add_argument("--exclude", nargs="+", default=None, help="module-name globs to keep dense")
+    p.add_argument(
+        "--method", choices=METHODS, default="magnitude", help="one-shot pruning criterion"
+    )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="text file, one calibration sample per line (needed by wanda and sparsegpt)",
+    )
+    p.add_argument(
+        "--calibration-samples", type=int, default=128, help="first N lines of --calibration"
+    )
+    p.add_argument(
+        "--calibration-batch-size", type=int, default=16, help="samples per calibration batch"
+    )
     p.add_argument(
         "--model-class",
         default=None,
@@ -87,6 +105,10 @@ def _layer_rows(model: nn.Module) -> list[dict]:
     return rows
 
 
+def _samples(calibration: list[dict]) -> int:
+    return sum(len(batch["input_ids"]) for batch in calibration)
+
+
 def _mb(n: int) -> str:
     return f"{n / 2**20:.2f} MB"
 
@@ -104,6 +126,44 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise SystemExit(f"bs-convert-hf: --model {args.model} is not a model folder")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise SystemExit(f"bs-convert-hf: --out {args.out} is an existing file, not a folder")
+    if args.method != "magnitude" and args.calibration is None:
+        raise SystemExit(
+            f"bs-convert-hf: --method {args.method} needs --calibration FILE (one sample per line)"
+        )
+    if args.calibration is not None and not Path(args.calibration).is_file():
+        raise SystemExit(f"bs-convert-hf: --calibration {args.calibration} is not a file")
+    for flag in ("calibration_samples", "calibration_batch_size"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(
+                f"bs-convert-hf: --{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}"
+            )
+
+
+def _calibration(args: argparse.Namespace, path: str) -> list[dict] | None:
+    """The first `--calibration-samples` non-empty lines of `--calibration`, tokenised with
+    the model's tokenizer in batches; None for magnitude pruning."""
+    if args.method == "magnitude":
+        return None
+    lines = Path(args.calibration).read_text(encoding="utf-8").splitlines()
+    samples = [line.strip() for line in lines if line.strip()][: args.calibration_samples]
+    if not samples:
+        raise SystemExit(f"bs-convert-hf: --calibration {args.calibration} has no text lines")
+    import transformers  # the model's own tokenizer, from its folder
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise SystemExit(
+            f"bs-convert-hf: --method {args.method} tokenises --calibration with the model's "
+            f"tokenizer, and {path} has none that loads: {str(err).splitlines()[0]}"
+        ) from err
+    if tokenizer.pad_token is None:  # GPT-2 style tokenizers: pad with end-of-text
+        tokenizer.pad_token = tokenizer.eos_token
+    size = args.calibration_batch_size
+    return [
+        dict(tokenizer(samples[i : i + size], padding=True, truncation=True, return_tensors="pt"))
+        for i in range(0, len(samples), size)
+    ]
 
 
 def convert_cli(argv: Sequence[str] | None = None) -> dict:
@@ -124,8 +184,17 @@ def convert_cli(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit(f"bs-convert-hf: cannot load --model {args.model}: {first}") from err
     config = model.config
     before = _bytes(model)
+    calibration = _calibration(args, path)
     try:
-        prune_and_convert(model, args.sparsity, args.bank_size, args.include, args.exclude)
+        prune_and_convert(
+            model,
+            args.sparsity,
+            args.bank_size,
+            args.include,
+            args.exclude,
+            method=args.method,
+            calibration=calibration,
+        )
     except (TypeError, ValueError) as err:
         raise SystemExit(f"bs-convert-hf: {err}") from err
     after = _bytes(model)
@@ -143,7 +212,8 @@ def convert_cli(argv: Sequence[str] | None = None) -> dict:
     ms = measure_latency({"dense": dense, "sparse": model}, x, device, args.warmup, args.repeats)
 
     rows = _layer_rows(model)
-    print(f"{type(model).__name__} from {path}: {len(rows)} layers converted")
+    how = args.method if calibration is None else f"{args.method}, {_samples(calibration)} samples"
+    print(f"{type(model).__name__} from {path}: {len(rows)} layers converted (pruned by {how})")
     print(f"{'layer':<52} {'type':<22} {'out x in':>12} {'B':>4} {'k':>4} {'sparsity':>9}")
     for r in rows:
         shape = f"{r['shape'][0]}x{r['shape'][1]}"
@@ -167,6 +237,8 @@ def convert_cli(argv: Sequence[str] | None = None) -> dict:
         "model_class": type(model).__name__,
         "sparsity": args.sparsity,
         "bank_size": args.bank_size,
+        "method": args.method,
+        "calibration_samples": 0 if calibration is None else _samples(calibration),
         "layers": rows,
         "weights_bytes_dense": before,
         "weights_bytes_sparse": after,

@@ -1,4 +1,5 @@
-"""One-shot balanced magnitude pruning of a Hugging Face model, then conversion to sparse modules."""
+"""One-shot balanced pruning of a Hugging Face model (magnitude, Wanda or SparseGPT), then
+conversion to sparse modules."""
 
 from __future__ import annotations
 
@@ -18,10 +19,9 @@ from bs_lightning.sparsity import (
     SparsityPlan,
     prune_once_,
 )
-from bs_lightning.sparsity.calibration import input_norms, wanda_scores
+from bs_lightning.sparsity.calibration import run_inputs
+from bs_lightning.sparsity.oneshot import check_method, prune_calibrated_
 from bs_lightning.validation import check_bank_size
-
-METHODS = ("magnitude", "wanda")  # one-shot pruning criteria of prune_and_convert
 
 __all__ = ["prune_and_convert", "prune_balanced_"]
 
@@ -50,16 +50,15 @@ def prune_balanced_(
     return prune_once_(_as_params(layers), BalancedPattern(check_bank_size(bank_size)), sparsity)
 
 
-def _input_norms(model, params, calibration) -> dict[str, torch.Tensor]:
-    """Input column norms of the selected layers over `calibration`, in eval mode."""
+def _prune_calibrated(model, params, sparsity, bank_size, method, calibration) -> SparsityPlan:
+    """`prune_calibrated_` of the selected layers, the model in eval mode meanwhile."""
     training = model.training
     model.eval()
     try:
-        return input_norms(
-            lambda batch: model(**batch) if isinstance(batch, Mapping) else model(batch),
-            params,
-            calibration,
-        )
+        pattern = BalancedPattern(bank_size)
+        return prune_calibrated_(run_inputs(model), params, pattern, sparsity, method, calibration)[
+            0
+        ]
     finally:
         model.train(training)
 
@@ -107,11 +106,12 @@ def prune_and_convert(
         bank_size: columns per bank `B` in [1, 256]; `k = round(B * (1 - sparsity))`.
         include: glob(s) on module names selecting the layers instead of the default rule.
         exclude: glob(s) on module names to leave dense.
-        method: `"magnitude"` (keep the largest |w| of every bank) or `"wanda"` (keep the
-            largest `|w| * ||x_c||`, the input column's norm over `calibration`; see
-            `bs_lightning.sparsity.calibration`).
-        calibration: for `"wanda"`, an iterable of model-input batches (dicts as a
-            tokenizer returns them), run in eval mode without gradients.
+        method: one of `METHODS`: `"magnitude"` (keep the largest |w| of every bank),
+            `"wanda"` (keep the largest `|w| * ||x_c||`, the input column's norm over
+            `calibration`) or `"sparsegpt"` (layer after layer, masks by OBS saliency and the
+            remaining weights updated); see `bs_lightning.sparsity.oneshot.prune_calibrated_`.
+        calibration: for `"wanda"` and `"sparsegpt"`, an iterable of model-input batches
+            (dicts as a tokenizer returns them), run in eval mode without gradients.
 
     Returns:
         `model`, whose selected layers are now `BalancedSparseLinear` (for `nn.Linear`) or
@@ -128,19 +128,12 @@ def prune_and_convert(
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"model must be a transformers.PreTrainedModel, got {type(model).__name__}")
     check_bank_size(bank_size)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    if method == "wanda" and (sparsity is None or calibration is None):
-        raise ValueError(
-            "method 'wanda' needs a sparsity and calibration batches (an iterable of model "
-            "inputs, e.g. tokenizer outputs)"
-        )
+    check_method(method, calibration is not None)
+    if method != "magnitude" and sparsity is None:
+        raise ValueError(f"method {method!r} prunes: pass a sparsity, not None")
     params = select_params(model, include, exclude)
     if sparsity is not None:
-        scores = None
-        if method == "wanda":
-            scores = wanda_scores(params, _input_norms(model, params, calibration))
-        plan = prune_once_(params, BalancedPattern(bank_size), sparsity, scores)
+        plan = _prune_calibrated(model, params, sparsity, bank_size, method, calibration)
     else:
         plan = _plan_of_pruned(model, params, bank_size)
     if not any(e.compact_layout[1] < e.compact_layout[0] for e in plan if e.compact_layout):

@@ -8,6 +8,7 @@ mask of a `[out, in]` matrix view:
 | `BalancedPattern` ("balanced") | `bank_size` | weights per bank | bank `bank_size`, `k = keep` |
 | `NMPattern` ("nm") | `n`, `m` | weights per group of `m` | bank `m`, `k = keep` |
 | `UnstructuredPattern` ("unstructured") | | weights per layer | no |
+| `RowPattern` ("row") | | weights per row (any columns) | no |
 | `BlockPattern` ("block") | `block_size` | `b x b` tiles per layer | no |
 | `VectorPattern` ("vector") | `vector_size` | runs of `v` columns per layer | no |
 
@@ -26,8 +27,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from bs_lightning.sparsity.masks import balanced_mask_k, bank_layout, keep_count
+from bs_lightning.sparsity.masks import (
+    balanced_mask_k,
+    bank_layout,
+    keep_count,
+    topk_mask_lastdim,
+)
 from bs_lightning.sparsity.pattern_masks import (
+    _prune_scores,
     tile_count,
     tile_mask,
     units_to_keep,
@@ -42,6 +49,7 @@ __all__ = [
     "BlockPattern",
     "NMPattern",
     "Pattern",
+    "RowPattern",
     "UnstructuredPattern",
     "VectorPattern",
     "make_pattern",
@@ -272,6 +280,35 @@ class UnstructuredPattern(Pattern):
         return unstructured_mask_k(matrix, keep, prev_mask)
 
 
+@dataclass(frozen=True)
+class RowPattern(Pattern):
+    """The largest |w| of each row, the same count in every row: unstructured within a row.
+
+    One group per output row, the comparison group Wanda (Sun et al. 2023) uses; it is
+    balanced sparsity with one bank as long as the row, so it bounds what banks cost in
+    accuracy. It does not convert (in-row indices need more than 8 bits).
+    """
+
+    name: ClassVar[str] = "row"
+
+    def units(self, matrix: torch.Tensor) -> int:
+        return _row_length(matrix)
+
+    def keep(self, matrix: torch.Tensor, sparsity: float, name: str | None = None) -> int:
+        return units_to_keep(_row_length(matrix), sparsity, "weight", name)
+
+    def mask(self, matrix, keep, prev_mask=None):
+        scores = _prune_scores(matrix.detach().abs().float(), prev_mask)
+        return topk_mask_lastdim(scores, keep)
+
+    @property
+    def unit_label(self) -> str:
+        return "kept per row"
+
+    def describe(self) -> str:
+        return "row (unstructured within each row)"
+
+
 class _TilePattern(Pattern):
     """Tiles of the matrix view ranked by L2 norm; subclasses give the tile's side."""
 
@@ -345,7 +382,14 @@ class VectorPattern(_TilePattern):
 # the one map from a pattern's name to its class
 PATTERNS: dict[str, type[Pattern]] = {
     cls.name: cls
-    for cls in (BalancedPattern, NMPattern, UnstructuredPattern, BlockPattern, VectorPattern)
+    for cls in (
+        BalancedPattern,
+        NMPattern,
+        UnstructuredPattern,
+        RowPattern,
+        BlockPattern,
+        VectorPattern,
+    )
 }
 
 # every shape option a pattern may take, with the callback's defaults
