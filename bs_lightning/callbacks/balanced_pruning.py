@@ -15,8 +15,9 @@ into the plain model and cuDNN's flattened RNN weights stay valid.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -45,6 +46,8 @@ from bs_lightning.sparsity import (
     matrix_to_param,
     sparsity_at,
 )
+from bs_lightning.sparsity.calibration import check_calibratable
+from bs_lightning.sparsity.oneshot import check_method, prune_calibrated_
 from bs_lightning.sparsity.params import as_matrix
 from bs_lightning.validation import glob_list
 
@@ -95,9 +98,9 @@ class BalancedPruningCallback(Callback):
             name) to target; with a mapping, the first matching key sets a parameter's target
             and parameters matching no key stay dense. None means 0.9 (for "nm": `1 - n/m`).
         bank_size: columns per bank ("balanced"); must not exceed any selected row.
-        pattern: "balanced", "nm" (N:M with `n`, `m`), "unstructured" (per layer),
-            "block" (`block_size x block_size` tiles by L2 norm) or "vector" (runs of
-            `vector_size` columns by L2 norm).
+        pattern: "balanced", "nm" (N:M with `n`, `m`), "unstructured" (per layer), "row"
+            (the same count per row, any columns), "block" (`block_size x block_size` tiles
+            by L2 norm) or "vector" (runs of `vector_size` columns by L2 norm).
         schedule: "cubic" (Zhu & Gupta 2017), "linear", "constant" or "one_shot" (prune to the
             target at `start_step`).
         start_step: first pruning step.
@@ -114,13 +117,26 @@ class BalancedPruningCallback(Callback):
         vector_size: run length for pattern "vector".
         initial_sparsity: schedule's sparsity at `start_step` (Zhu & Gupta's `s_i`).
         verbose: print the rank-zero summary table at the end of fit.
+        method: how the one-shot masks are chosen: "magnitude" (the largest |w|), "wanda"
+            (|w| times the input column's norm) or "sparsegpt" (OBS masks with the
+            remaining weights updated, layer after layer); the calibrated two need
+            `schedule="one_shot"` and prune at `start_step` from the first
+            `calibration_batches` batches of the train dataloader, the model in eval mode
+            (see `bs_lightning.sparsity.oneshot.prune_calibrated_`).
+        calibration_batches: train batches the calibrated methods run through the model.
+        calibration_forward: `f(pl_module, batch)` running the model on one batch for
+            calibration; None calls `pl_module(batch[0])` for a tuple/list batch `(x, y)`,
+            `pl_module(**batch)` for a mapping, else `pl_module(batch)`.
 
     Raises:
         ValueError: at construction for a sparsity outside [0, 1), a bank size < 1, a
             sparsity that keeps 0 weights per bank, an unknown pattern or schedule, bad steps
             or globs; at setup for a glob matching no parameter, a bank longer than a row or
             an N:M group not dividing a row (all before any weight changes).
-        RuntimeError: at setup under FSDP, DeepSpeed or model-parallel strategies.
+        TypeError: at setup when a calibrated method meets a layer whose inputs it cannot
+            measure (e.g. an LSTM), naming it.
+        RuntimeError: at setup under FSDP or DeepSpeed, and a calibrated method under FSDP2
+            (it needs whole weight matrices).
     """
 
     DEFAULT_END_FRACTION = 0.75
@@ -143,8 +159,34 @@ class BalancedPruningCallback(Callback):
         vector_size: int = 4,
         initial_sparsity: float = 0.0,
         verbose: bool = True,
+        method: str = "magnitude",
+        calibration_batches: int = 16,
+        calibration_forward: Callable[[LightningModule, Any], Any] | None = None,
     ) -> None:
         super().__init__()
+        check_method(method)
+        if method != "magnitude" and schedule != "one_shot":
+            raise ValueError(
+                f"method {method!r} chooses the masks once, from calibration batches: use "
+                f"schedule='one_shot' (got {schedule!r}), or method='magnitude' for a gradual "
+                f"schedule"
+            )
+        if (
+            isinstance(calibration_batches, bool)
+            or not isinstance(calibration_batches, int)
+            or calibration_batches < 1
+        ):
+            raise ValueError(
+                f"calibration_batches must be an integer >= 1, got {calibration_batches!r}"
+            )
+        if calibration_forward is not None and not callable(calibration_forward):
+            raise ValueError(
+                f"calibration_forward must be callable as f(pl_module, batch) or None, got "
+                f"{calibration_forward!r}"
+            )
+        self.method = method
+        self.calibration_batches = calibration_batches
+        self.calibration_forward = calibration_forward
         self.pattern = make_pattern(
             pattern, bank_size=bank_size, n=n, m=m, block_size=block_size, vector_size=vector_size
         )
@@ -254,6 +296,8 @@ class BalancedPruningCallback(Callback):
                 layers[entry.name] = old
             else:
                 layers[entry.name] = _Layer(entry, final, units, keep_final, units)
+        if self.method != "magnitude":
+            check_calibratable([layer.entry for layer in layers.values()], self.method)
         self.layers = layers
 
     @override
@@ -264,6 +308,12 @@ class BalancedPruningCallback(Callback):
         for layer in self.layers.values():
             check_shardable(layer.entry, self.pattern, strategy)
         self._sharded = any(is_sharded(layer.entry.param) for layer in self.layers.values())
+        if self._sharded and self.method != "magnitude":
+            raise RuntimeError(
+                f"BalancedPruningCallback: method {self.method!r} needs whole weight matrices, "
+                f"and {strategy} shards them; use method='magnitude', or prune before sharding "
+                f"(bs_lightning.sparsity.oneshot.prune_calibrated_)"
+            )
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -301,7 +351,10 @@ class BalancedPruningCallback(Callback):
         if not is_pruning_step(step, self.start_step, self._resolved_end, self.frequency):
             return
         self.last_pruned_step = step
-        changed = self._prune(step, trainer)
+        if self.method == "magnitude":
+            changed = self._prune(step, trainer)
+        else:
+            changed = self._prune_calibrated(trainer, pl_module)
         if changed:
             self.plan.record(pl_module)
             self._log(trainer, step)
@@ -506,6 +559,46 @@ class BalancedPruningCallback(Callback):
             self._zero_optimizer_state(trainer)
         return changed
 
+    def _calibration(self, trainer: Trainer) -> list:
+        """The first `calibration_batches` batches of the train dataloader, on the device."""
+        loader = trainer.train_dataloader
+        if loader is None:
+            raise ValueError(
+                f"BalancedPruningCallback: method {self.method!r} calibrates on the train "
+                f"dataloader, and the trainer has none"
+            )
+        return [
+            trainer.strategy.batch_to_device(batch)
+            for batch in islice(iter(loader), self.calibration_batches)
+        ]
+
+    def _prune_calibrated(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Every layer to its target at once by `method`, rank 0's result on every rank."""
+        forward = self.calibration_forward or _forward_batch
+        layers = list(self.layers.values())
+        training = pl_module.training
+        pl_module.eval()
+        try:
+            _, masks = prune_calibrated_(
+                lambda batch: forward(pl_module, batch),
+                [layer.entry for layer in layers],
+                self.pattern,
+                [layer.final for layer in layers],
+                self.method,
+                self._calibration(trainer),
+            )
+        finally:
+            pl_module.train(training)
+        for layer in layers:
+            layer.keep = layer.keep_final
+            # each rank calibrated on its own batches: rank 0's weights and masks everywhere
+            _broadcast_(layer.entry.param.data)
+            self._install_mask(layer, self._broadcast(masks[layer.entry.name]))
+        self._update_effective()
+        self._apply_masks(self.layers.values(), grads=False)
+        self._zero_optimizer_state(trainer)
+        return True
+
     @staticmethod
     def _broadcast(mask: Tensor) -> Tensor:
         """Rank 0's mask on every rank, so all ranks prune identically."""
@@ -608,3 +701,18 @@ class BalancedPruningCallback(Callback):
         overall = self.sparsity_report()["sparsity/overall"]
         lines.append(f"| overall | | | | | {overall:.4f} |")
         return f"BalancedPruningCallback summary: {self.pattern.describe()}\n" + "\n".join(lines)
+
+
+def _forward_batch(pl_module: LightningModule, batch: Any) -> Any:
+    """The default calibration forward: the inputs of an `(x, y)` batch, a mapping's keys."""
+    if isinstance(batch, (tuple, list)):
+        return pl_module(batch[0])
+    if isinstance(batch, Mapping):
+        return pl_module(**batch)
+    return pl_module(batch)
+
+
+def _broadcast_(tensor: Tensor) -> None:
+    """Rank 0's values into `tensor` on every rank (nothing to do on one process)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)

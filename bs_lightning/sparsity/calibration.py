@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from bs_lightning.sparsity.params import PrunableParam, is_transposed
 
@@ -35,7 +36,9 @@ __all__ = [
 ]
 
 # the layers whose inputs map onto the columns of their weight's matrix view
-CALIBRATED_LAYERS = "nn.Linear, Hugging Face Conv1D, nn.Conv1d/nn.Conv2d (groups=1)"
+CALIBRATED_LAYERS = (
+    "nn.Linear (not nn.MultiheadAttention's), Hugging Face Conv1D, nn.Conv1d/nn.Conv2d (groups=1)"
+)
 
 
 class _Stop(Exception):
@@ -64,6 +67,8 @@ def _unsupported(p: PrunableParam) -> str | None:
     m = p.module
     if p.param_name != "weight":
         return f"its parameter {p.param_name!r} is not a layer's input weight"
+    if isinstance(m, NonDynamicallyQuantizableLinear):
+        return "it is nn.MultiheadAttention's out_proj, which its forward never calls"
     if isinstance(m, nn.Linear) or is_transposed(m):
         return None
     if isinstance(m, (nn.Conv1d, nn.Conv2d)):
