@@ -140,14 +140,18 @@ def _build_args() -> dict:
     if cu:
         args["cuda_home"] = cuda_home()
         args["extra_cflags"] = cflags + ["-DBS_LIGHTNING_WITH_CUDA"]
+        # No --use_fast_math: it makes tanhf the ~2^-11-accurate MUFU.TANH in the fp32 LSTM
+        # gates. The pip wheels' cuBLAS/cuSPARSE headers go in with -isystem, after the
+        # toolkit's own -I headers, so they only fill in what the toolkit lacks.
+        system = [flag for inc in _cuda_include_paths() for flag in ("-isystem", inc)]
+        args["extra_cflags"] += system
         args["extra_cuda_cflags"] = [
             "-O3",
             "-std=c++20",
-            "--use_fast_math",
             "-DBS_LIGHTNING_WITH_CUDA",
+            *system,
             *_cuda_arch_flags(),
         ]
-        args["extra_include_paths"] += _cuda_include_paths()
     return args
 
 

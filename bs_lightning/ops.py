@@ -312,6 +312,13 @@ def dense_crossover(k: int, bank_size: int) -> int:
     return int(torch.ops.bs_lightning.tiled_dense_crossover(k, bank_size))
 
 
+def cuda_dense_crossover(k: int, bank_size: int, elem_bytes: int) -> int:
+    """Input rows from which the CUDA op unpacks to a dense GEMM, by `k / bank_size` and the
+    element size (the rule in `csrc/balanced_linear.h`; `BS_LIGHTNING_CUDA_DENSE_MIN_BATCH`
+    overrides it); needs `load()`."""
+    return int(torch.ops.bs_lightning.cuda_dense_crossover(k, bank_size, elem_bytes))
+
+
 def check_tiled_inputs(
     x: torch.Tensor,
     tile_values: torch.Tensor,
@@ -422,6 +429,62 @@ def balanced_lstm_layer(
     )
 
 
+def check_lstm_cell_inputs(gates_x, h, c, values, indices, bank_size) -> int:
+    """Validate `balanced_lstm_cell`'s arguments as its CUDA checks do; returns `k`."""
+    name = "balanced_lstm_cell"
+    if h.dim() != 2:
+        raise ValueError(f"{name}: h must be 2-D [batch, hidden], got {list(h.shape)}")
+    batch, hidden = h.shape
+    k = check_inputs(h, values, indices, bank_size, hidden, None)
+    if h.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"{name}: h must be float32, float16 or bfloat16, got {h.dtype}")
+    if values.size(0) != 4 * hidden:
+        raise ValueError(
+            f"{name}: values must have 4 * hidden = {4 * hidden} rows (gates i, f, g, o), got "
+            f"{values.size(0)}"
+        )
+    if c.shape != h.shape:
+        raise ValueError(f"{name}: c shape {list(c.shape)} must equal h shape {list(h.shape)}")
+    if gates_x.shape != (batch, 4 * hidden):
+        raise ValueError(
+            f"{name}: gates_x must have shape [{batch}, {4 * hidden}], got {list(gates_x.shape)}"
+        )
+    for t in (c, gates_x):
+        if t.dtype != h.dtype:
+            raise TypeError(f"{name}: c and gates_x must have h's dtype ({h.dtype}), got {t.dtype}")
+        if t.device != h.device:
+            raise ValueError(f"{name}: c and gates_x must be on h's device ({h.device})")
+    return k
+
+
+def lstm_cell_reference(
+    gates_x: torch.Tensor,
+    h: torch.Tensor,
+    c: torch.Tensor,
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    bank_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`balanced_lstm_cell` in PyTorch ops (its CPU kernel): one LSTM time step.
+
+    Args:
+        gates_x: `[B, 4H]`, the step's input projection with both biases.
+        h: `[B, H]` hidden state.
+        c: `[B, H]` cell state.
+        values: `W_hh [4H, H]` compact values, gates `i, f, g, o` as PyTorch orders them.
+        indices: the matching uint8 in-bank indices.
+        bank_size: columns per bank of `W_hh`.
+
+    Returns:
+        `(h' [B, H], c' [B, H])`.
+    """
+    check_lstm_cell_inputs(gates_x, h, c, values, indices, bank_size)
+    recurrent = balanced_linear_reference(h, values, indices, bank_size, h.size(1))
+    i, f, g, o = (gates_x + recurrent).chunk(4, dim=-1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c_new), c_new
+
+
 def _register_fake() -> None:
     """Shape/dtype function for `torch.compile` and meta tensors (runs once the op exists)."""
 
@@ -434,6 +497,14 @@ def _register_fake() -> None:
     def _(x, values, indices, bank_size, in_features, out_features, bias=None):
         check_tiled_inputs(x, values, indices, bank_size, in_features, out_features, bias)
         return x.new_empty(*x.shape[:-1], out_features)
+
+    @torch.library.register_fake("bs_lightning::balanced_lstm_cell")
+    def _(gates_x, h, c, values, indices, bank_size):
+        check_lstm_cell_inputs(gates_x, h, c, values, indices, bank_size)
+        return h.new_empty(h.shape), c.new_empty(c.shape)
+
+    # the CPU kernel is the reference: the op runs everywhere, the CUDA one is fused
+    torch.library.register_kernel("bs_lightning::balanced_lstm_cell", "cpu", lstm_cell_reference)
 
     @torch.library.register_fake("bs_lightning::balanced_lstm_layer")
     def _(gates_x, h0, c0, values, indices, bank_size, reverse):

@@ -10,6 +10,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -123,6 +126,30 @@ inline at::Tensor unpack_balanced_dense(const at::Tensor& values, const at::Tens
   at::Tensor columns = indices.to(at::kLong).add(bank_start);  // [out, width]
   return at::zeros({values.size(0), in_features}, values.options())
       .scatter_add_(1, columns, values);
+}
+
+// Smallest number of input rows N from which the CUDA op unpacks to a dense matrix and calls
+// cuBLAS (rule in csrc/cuda/balanced_linear_cuda.cu): N* = 2 * elem_bytes * 2 / density,
+// clamped to [2, 4096]; BS_LIGHTNING_CUDA_DENSE_MIN_BATCH=<N> overrides it. Here, and not in
+// the .cu, so that the modules (which then run a cached dense copy instead of unpacking per
+// call) and the op agree, also in a build without CUDA.
+constexpr const char* kCudaDenseMinBatchEnv = "BS_LIGHTNING_CUDA_DENSE_MIN_BATCH";
+
+inline int64_t cuda_dense_crossover(int64_t k, int64_t bank_size, int64_t elem_bytes) {
+  if (const char* env = std::getenv(kCudaDenseMinBatchEnv)) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, kCudaDenseMinBatchEnv,
+                      " must be an integer >= 1, got '", env, "'");
+    return v;
+  }
+  TORCH_CHECK_VALUE(k >= 1 && bank_size >= k && elem_bytes >= 1,
+                    "cuda_dense_crossover: need 1 <= k <= bank_size and elem_bytes >= 1, got k=",
+                    k, ", bank_size=", bank_size, ", elem_bytes=", elem_bytes);
+  constexpr double kGatherMacPerByte = 2.0;
+  const double density = static_cast<double>(k) / static_cast<double>(bank_size);
+  const double n = 2.0 * static_cast<double>(elem_bytes) * kGatherMacPerByte / density;
+  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(n)), 2, 4096);
 }
 
 namespace cpu {

@@ -34,9 +34,18 @@ TORCH_LIBRARY(bs_lightning, m) {
   m.def(
       "balanced_lstm_layer(Tensor gates_x, Tensor h0, Tensor c0, Tensor values, "
       "Tensor indices, int bank_size, bool reverse) -> (Tensor, Tensor, Tensor)");
+  // One fused LSTM time step with a compact W_hh [4H, H] (CUDA kernel; on the CPU the
+  // PyTorch reference): gates_x [B, 4H] + h W_hh^T -> (h' [B, H], c' [B, H]).
+  m.def(
+      "balanced_lstm_cell(Tensor gates_x, Tensor h, Tensor c, Tensor values, Tensor indices, "
+      "int bank_size) -> (Tensor, Tensor)");
   // ISA of the tile kernel in this build: "avx512", "avx2" or "portable" (not vectorised).
   m.def("cpu_isa() -> str", &bs_lightning::cpu::cpu_isa);
   // Smallest number of input rows at which the tiled op unpacks to a dense GEMM.
   m.def("tiled_dense_crossover(int k, int bank_size) -> int",
         &bs_lightning::cpu::tiled_dense_crossover);
+  // Smallest number of input rows at which the CUDA op unpacks to a dense GEMM (the modules
+  // run their cached dense copy from there on instead).
+  m.def("cuda_dense_crossover(int k, int bank_size, int elem_bytes) -> int",
+        &bs_lightning::cuda_dense_crossover);
 }

@@ -16,6 +16,10 @@ from transformers.pytorch_utils import Conv1D
 # The test machine has 2 shared cores. With 2 intra-op threads, tiny ops in concurrent test
 # processes oversubscribe the cores and run 30-60x slower than with 1 thread (measured).
 torch.set_num_threads(1)
+# fp32 references on a GPU in full fp32: cuDNN (LSTM, conv) allows TF32 by default, which
+# misses the kernels' 1e-4 tolerances
+torch.backends.cudnn.allow_tf32 = False
+torch.backends.cuda.matmul.allow_tf32 = False
 
 
 class TinyZoo(LightningModule):

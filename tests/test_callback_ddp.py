@@ -60,3 +60,38 @@ def test_ddp_ranks_hold_identical_masks(tmp_path):
     expected = torch.tensor([True, False, True])  # rank 0's mask
     assert torch.equal(ranks[0]["broadcast"], expected)
     assert torch.equal(ranks[1]["broadcast"], expected)
+
+
+def test_ddp_sparsegpt_one_shot_uses_rank_zeros_result(tmp_path):
+    # each rank calibrates on its own shard of the batches: rank 0's weights and masks must
+    # reach rank 1 (lr 0 keeps them as pruned)
+    torch.manual_seed(0)
+    include = ["conv", "proj", "encoder.linear*", "head"]
+    pruner = BalancedPruningCallback(
+        0.75, bank_size=8, schedule="one_shot", start_step=1, include=include,
+        method="sparsegpt", calibration_batches=2, verbose=False,
+    )  # fmt: skip
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        callbacks=[pruner, DumpMasks(pruner, str(tmp_path))],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    dense = TinyZoo(lr=0.0, optimizer="sgd")
+    trainer.fit(dense, random_loader())
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    assert set(ranks[0]["keeps"].values()) == {2} and len(ranks[0]["masks"]) == 5
+    for name, mask in ranks[0]["masks"].items():
+        assert torch.equal(mask, ranks[1]["masks"][name]), name
+    for name, weight in ranks[0]["weights"].items():
+        assert torch.equal(weight, ranks[1]["weights"][name]), name
+    # SparseGPT moved the kept weights off their dense values
+    head = ranks[0]["weights"]["head.weight"]
+    assert not torch.equal(
+        head[ranks[0]["masks"]["head.weight"]], dense.head.weight[ranks[0]["masks"]["head.weight"]]
+    )

@@ -111,3 +111,39 @@ def test_compiled_code_follows_the_measured_choice(monkeypatch):
         got = torch.compile(sparse, backend=backend, fullgraph=True)(x)
     assert not any("balanced_linear_tiled" in name for name in graph)
     torch.testing.assert_close(got, F.linear(x, sparse.to_dense().weight, sparse.bias))
+
+
+def test_cuda_crossover_rule_and_override(monkeypatch):
+    monkeypatch.delenv("BS_LIGHTNING_CUDA_DENSE_MIN_BATCH", raising=False)
+    # N* = ceil(2 * elem_bytes * 2 / density), clamped to [2, 4096]
+    assert ops.cuda_dense_crossover(3, 32, 2) == 86  # fp16 at 90.6%
+    assert ops.cuda_dense_crossover(16, 32, 2) == 16  # fp16 at 50%
+    assert ops.cuda_dense_crossover(32, 32, 4) == 16
+    assert ops.cuda_dense_crossover(1, 256, 4) == 4096
+    monkeypatch.setenv("BS_LIGHTNING_CUDA_DENSE_MIN_BATCH", "5")
+    assert ops.cuda_dense_crossover(3, 32, 2) == 5
+    monkeypatch.setenv("BS_LIGHTNING_CUDA_DENSE_MIN_BATCH", "zero")
+    with pytest.raises(ValueError, match="BS_LIGHTNING_CUDA_DENSE_MIN_BATCH must be an integer"):
+        ops.cuda_dense_crossover(3, 32, 2)
+    monkeypatch.delenv("BS_LIGHTNING_CUDA_DENSE_MIN_BATCH")
+    with pytest.raises(ValueError, match=r"need 1 <= k <= bank_size.*k=0"):
+        ops.cuda_dense_crossover(0, 32, 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_large_batch_runs_the_cached_dense_copy(monkeypatch):
+    monkeypatch.delenv("BS_LIGHTNING_CUDA_DENSE_MIN_BATCH", raising=False)
+    dense = nn.Linear(256, 128).cuda().half()
+    layer = BalancedSparseLinear.from_dense(dense, sparsity=0.9, bank_size=32).cuda()
+    pruned = layer.to_dense()
+    crossover = ops.cuda_dense_crossover(layer.k, 32, 2)
+    with torch.inference_mode():
+        small = torch.randn(crossover - 1, 256, device="cuda", dtype=torch.half)
+        layer(small)
+        assert layer.dense_weight.numel() == 0  # the gather kernel ran it
+        big = torch.randn(crossover, 256, device="cuda", dtype=torch.half)
+        torch.testing.assert_close(layer(big), pruned(big), rtol=2e-3, atol=2e-3)
+        assert layer.dense_weight.shape == (128, 256)  # cached, not unpacked per call
+        weight = layer.dense_weight
+        layer(big)
+        assert layer.dense_weight is weight

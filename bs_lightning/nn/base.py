@@ -140,9 +140,10 @@ class BalancedSparseModule(nn.Module):
     Attributes:
         dense_fallback: when True (default), a CPU product where `F.linear` on a dense copy
             of the matrix is faster than the tile kernel runs that (as fast as the dense
-            layer, at the cost of its memory). False keeps the memory of the compact format
-            and always runs the tile kernel (which unpacks per call from
-            `ops.dense_crossover` rows on: slower than dense there).
+            layer, at the cost of its memory), and so does a CUDA product from
+            `ops.cuda_dense_crossover` rows on. False keeps the memory of the compact format
+            and always runs the kernels (which unpack per call from the crossover on:
+            slower than dense there).
         measured_dispatch: when True (default), which of the two is faster is measured on
             the first input of each size class (power-of-two rows, from `MEASURE_MIN_ROWS`
             on) of each matrix, on that input, and cached; False uses the rule
@@ -220,9 +221,11 @@ class BalancedSparseModule(nn.Module):
         indices = self._buffers[prefix + "indices"]
         if rows is not None:
             values, indices = values[rows], indices[rows]
-        if not self._tiles_apply(x, values, bank_size):
-            return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
         key = (prefix, None if rows is None else (rows.start, rows.stop))
+        if not self._tiles_apply(x, values, bank_size):
+            if x.is_cuda and self.dense_fallback and self._cuda_dense_wins(key, x, values, k):
+                return F.linear(x, self._dense_copy(key, values, indices), bias)
+            return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
         tiles = self._tiles(key, values, indices)
         tile_values, tile_indices = tiles
         weight = None
@@ -278,6 +281,24 @@ class BalancedSparseModule(nn.Module):
                 choice = self._measure_dense_wins(key, x, bias, values, indices, tiles)
             else:
                 choice = batch >= ops.dense_crossover(k, bank_size)
+            self._dispatch[choice_key] = choice
+        return choice
+
+    def _cuda_dense_wins(self, key: tuple, x, values, k: int) -> bool:
+        """Whether a CUDA product of `x` runs on the cached dense copy: from the rows at
+        which the CUDA op would unpack the matrix to a dense one on every call
+        (`ops.cuda_dense_crossover`), so a large batch costs what the dense layer costs.
+        Cached per matrix and row count."""
+        _, in_features, bank_size, _ = self._layouts[key[0]]
+        batch = x.numel() // in_features
+        choice_key = ((*key, "cuda"), batch)
+        choice = self._dispatch.get(choice_key)
+        if choice is None:
+            choice = (
+                x.dtype == values.dtype
+                and ops.load()
+                and batch >= ops.cuda_dense_crossover(k, bank_size, values.element_size())
+            )
             self._dispatch[choice_key] = choice
         return choice
 

@@ -1,9 +1,9 @@
 // CUDA implementation of bs_lightning::balanced_linear (schema in csrc/ops.cpp).
 //
 // Dispatch by the number of input rows N (all leading dimensions of x flattened):
-// - N < dense_min_batch: the gather kernel (gather_kernel.cuh), SpMV for N = 1 and SpMM
+// - N < cuda_dense_crossover (csrc/balanced_linear.h): the gather kernel (gather_kernel.cuh), SpMV for N = 1 and SpMM
 //   for small N (x staged transposed, up to 8 batch columns per block, more via grid.y).
-// - N >= dense_min_batch (or x too long to stage in shared memory, or float64): unpack the
+// - N >= cuda_dense_crossover (or x too long to stage in shared memory, or float64): unpack the
 //   compact weight to a dense matrix (unpack_kernel.cuh) and call cuBLAS through at::linear.
 //
 // Crossover rule. The gather kernel does N * nnz multiply-adds on the CUDA cores at roughly
@@ -34,23 +34,6 @@
 
 namespace bs_lightning::cuda {
 namespace {
-
-constexpr double kGatherMacPerByte = 2.0;
-constexpr const char* kDenseMinBatchEnv = "BS_LIGHTNING_CUDA_DENSE_MIN_BATCH";
-
-// Smallest N that takes the dense path (see the crossover rule above).
-int64_t dense_min_batch(int64_t k, int64_t bank_size, size_t elem_bytes) {
-  if (const char* env = std::getenv(kDenseMinBatchEnv)) {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, kDenseMinBatchEnv,
-                      " must be an integer >= 1, got '", env, "'");
-    return v;
-  }
-  const double density = static_cast<double>(k) / static_cast<double>(bank_size);
-  const double n = 2.0 * static_cast<double>(elem_bytes) * kGatherMacPerByte / density;
-  return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(n)), 2, 4096);
-}
 
 template <typename T>
 at::Tensor unpack_dense(const at::Tensor& values, const at::Tensor& indices, int64_t k,
@@ -91,7 +74,7 @@ at::Tensor run_typed(const at::Tensor& x2d, const at::Tensor& values, const at::
   while (nb > 1 && smem_for(nb) > limit) nb /= 2;
   const bool fits = smem_for(nb) <= limit;
 
-  if (!fits || n_batch >= dense_min_batch(k, bank_size, sizeof(T))) {
+  if (!fits || n_batch >= cuda_dense_crossover(k, bank_size, sizeof(T))) {
     at::Tensor dense = unpack_dense<T>(values, indices, k, bank_size, in_features);
     return at::linear(x2d, dense, bias);
   }
@@ -122,8 +105,9 @@ at::Tensor balanced_linear_cuda(const at::Tensor& x, const at::Tensor& values,
 
   const int64_t out = values.size(0);
   const int64_t row_len = values.size(1);
-  // Kernel index arithmetic is 32-bit per row; j / k by multiply-high needs j * k < 2^32.
-  TORCH_CHECK_VALUE(out <= INT32_MAX && in_features <= INT32_MAX &&
+  // Kernel index arithmetic is 32-bit per row (row + 32 must fit: rows past the end carry
+  // a lane offset); j / k by multiply-high needs j * k < 2^32.
+  TORCH_CHECK_VALUE(out <= INT32_MAX - 32 && in_features <= INT32_MAX &&
                         row_len * k < (int64_t{1} << 32),
                     "balanced_linear (CUDA): weight too large for the kernels (out=", out,
                     ", in_features=", in_features, ", n_banks*k=", row_len, ")");

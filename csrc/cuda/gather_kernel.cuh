@@ -61,6 +61,9 @@ struct GatherParams {
   int hidden;
 };
 
+// __expf (~2 ulp + 1.16|v| ulp) is well inside the gates' 1e-5 budget; tanhf stays the
+// accurate libdevice one (the build does not use --use_fast_math, which would turn it into
+// MUFU.TANH with ~2^-11 relative error).
 __device__ __forceinline__ float sigmoid_f(float v) { return 1.f / (1.f + __expf(-v)); }
 
 // acc[n] += w * xs[col][n] for the kNB batch values of one staged column.
@@ -210,6 +213,12 @@ __global__ void __launch_bounds__(kGatherThreads)
   // shuffles below always have the whole warp.
   int row_base = (blockIdx.x * kWarps + warp) * rows_per_warp;
   const int row_stride = gridDim.x * kWarps * rows_per_warp;
+  // The next base in 64 bits, clamped to `out`: base + stride can pass INT32_MAX on tall
+  // matrices (the host checks out + 32 fits an int, so `base + group` always does).
+  auto next_base = [&](int base) {
+    return static_cast<int>(
+        min(static_cast<long long>(base) + row_stride, static_cast<long long>(out)));
+  };
   // Logical row q -> weight row (LSTM mode: gate q % 4 of unit q / 4). Rows past the end
   // stay past the end, so `< out` keeps meaning "valid".
   auto weight_row = [&](int q) {
@@ -285,10 +294,10 @@ __global__ void __launch_bounds__(kGatherThreads)
   stage_x<T, kNB>(xs, x, p, n0, nb_valid);
   __syncthreads();
 
-  for (; row_base < out; row_base += row_stride) {
+  for (; row_base < out; row_base = next_base(row_base)) {
     const int row = weight_row(row_base + group);
     const bool row_ok = row < out;
-    const int next_row = weight_row(row_base + row_stride + group);
+    const int next_row = weight_row(next_base(row_base) + group);
     float acc[kNB];
 #pragma unroll
     for (int n = 0; n < kNB; ++n) acc[n] = 0.f;

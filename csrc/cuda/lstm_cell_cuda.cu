@@ -8,8 +8,8 @@
 // gates_x [B, 4H] is the step's input projection with both biases folded in (one
 // balanced_linear over the whole sequence computes it). Returns (h' [B, H], c' [B, H]).
 // One launch of the gather kernel in LSTM mode (gather_kernel.cuh): no intermediate gate
-// tensor, fp32 gate arithmetic. CUDA only; the schema is a fragment of the bs_lightning
-// library defined here because no other device implements it.
+// tensor, fp32 gate arithmetic. The schema is in csrc/ops.cpp; the CPU kernel is the
+// PyTorch reference (bs_lightning.ops.lstm_cell_reference).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -109,12 +109,6 @@ std::tuple<at::Tensor, at::Tensor> balanced_lstm_cell_cuda(const at::Tensor& gat
 
 }  // namespace
 }  // namespace bs_lightning::cuda
-
-TORCH_LIBRARY_FRAGMENT(bs_lightning, m) {
-  m.def(
-      "balanced_lstm_cell(Tensor gates_x, Tensor h, Tensor c, Tensor values, Tensor indices, "
-      "int bank_size) -> (Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(bs_lightning, CUDA, m) {
   m.impl("balanced_lstm_cell", &bs_lightning::cuda::balanced_lstm_cell_cuda);
