@@ -1,5 +1,7 @@
 """Under DDP (2 CPU processes, gloo) every rank holds identical masks and weights."""
 
+import copy
+
 import torch
 import torch.distributed as dist
 from conftest import TinyZoo, random_loader
@@ -30,23 +32,29 @@ class DumpMasks(Callback):
         )
 
 
-def test_ddp_ranks_hold_identical_masks(tmp_path):
-    torch.manual_seed(0)
-    pruner = BalancedPruningCallback(
-        sparsity=0.75, bank_size=8, frequency=2, end_step=6, verbose=False
-    )
-    trainer = Trainer(
+def _ddp_trainer(callbacks: list, epochs: int) -> Trainer:
+    """Two CPU processes over gloo, spawned (so the test process keeps its model)."""
+    return Trainer(
         accelerator="cpu",
         devices=2,
         strategy="ddp_spawn",
-        max_epochs=2,
-        callbacks=[pruner, DumpMasks(pruner, str(tmp_path))],
+        max_epochs=epochs,
+        callbacks=callbacks,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(TinyZoo(), random_loader())
+
+
+def test_ddp_ranks_hold_identical_masks(tmp_path):
+    torch.manual_seed(0)
+    pruner = BalancedPruningCallback(
+        sparsity=0.75, bank_size=8, frequency=2, end_step=6, verbose=False
+    )
+    _ddp_trainer([pruner, DumpMasks(pruner, str(tmp_path))], epochs=2).fit(
+        TinyZoo(), random_loader()
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["keeps"] == ranks[1]["keeps"]
@@ -71,19 +79,9 @@ def test_ddp_sparsegpt_one_shot_uses_rank_zeros_result(tmp_path):
         0.75, bank_size=8, schedule="one_shot", start_step=1, include=include,
         method="sparsegpt", calibration_batches=2, verbose=False,
     )  # fmt: skip
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        callbacks=[pruner, DumpMasks(pruner, str(tmp_path))],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    dense = TinyZoo(lr=0.0, optimizer="sgd")
-    trainer.fit(dense, random_loader())
+    model = TinyZoo(lr=0.0, optimizer="sgd")
+    dense = copy.deepcopy(model)  # ddp_spawn loads rank 0's weights back into `model`
+    _ddp_trainer([pruner, DumpMasks(pruner, str(tmp_path))], epochs=1).fit(model, random_loader())
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert set(ranks[0]["keeps"].values()) == {2} and len(ranks[0]["masks"]) == 5
     for name, mask in ranks[0]["masks"].items():

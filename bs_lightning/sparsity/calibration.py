@@ -150,6 +150,21 @@ def run_batches(run: Callable[[object], object], batches: Sequence, first: int =
             ) from err
 
 
+def _run_hooked(run, params, batches, make_hook, reached: dict) -> None:
+    """Runs the batches without gradients with `make_hook(p)` as a forward pre-hook of every
+    layer, which records the layers it saw in `reached`; all must be reached."""
+    handles = [p.module.register_forward_pre_hook(make_hook(p)) for p in params]
+    try:
+        with torch.no_grad():
+            run_batches(run, batches)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [p.name for p in params if p.name not in reached]
+    if missing:
+        raise ValueError(f"the calibration batches never reach {missing[:5]}")
+
+
 @dataclass
 class _Seen:
     """What one discovery pass saw of a layer."""
@@ -193,15 +208,7 @@ def stages(
 
         return hook
 
-    handles = [p.module.register_forward_pre_hook(hook_for(p.name)) for p in params]
-    try:
-        run_batches(run, [batch])
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [p.name for p in params if p.name not in seen]
-    if missing:
-        raise ValueError(f"the calibration batches never reach {missing[:5]}")
+    _run_hooked(run, params, [batch], lambda p: hook_for(p.name), seen)
     ordered = sorted(params, key=lambda p: seen[p.name].order)
     groups: list[list[PrunableParam]] = []
     for p in ordered:
@@ -233,16 +240,7 @@ def _measure(
 
         return hook
 
-    handles = [p.module.register_forward_pre_hook(hook_for(p)) for p in params]
-    try:
-        with torch.no_grad():
-            run_batches(run, batches)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [p.name for p in params if p.name not in sums]
-    if missing:
-        raise ValueError(f"the calibration batches never reach {missing[:5]}")
+    _run_hooked(run, params, batches, hook_for, sums)
     return sums
 
 
