@@ -102,56 +102,53 @@ __device__ void stage_x(T* xs, const T* x, const GatherParams& p, int n0, int nb
   const T zero = from_float<T>(0.f);
   for (int i = in * kNB + tid; i < p.xs_cols * kNB; i += kGatherThreads) xs[i] = zero;
 
-  if (p.x_vec_ok) {
-    const int vpr = in / kV;  // 16-byte vectors per batch row
-    const int total = vpr * kNB;
+  if constexpr (kNB > 1) {
+    // One thread per column: it reads the column's kNB batch values (consecutive lanes read
+    // consecutive columns of a row: coalesced) and writes them as one contiguous chunk, so
+    // consecutive lanes store consecutive chunks and no two lanes of a phase share a bank.
+    // (Transposing a 16-byte vector per thread put lanes 16 * kNB bytes apart: 8-32-way
+    // conflicts.) Scalar loads also need no alignment of x.
+    constexpr int kBytes = kNB * static_cast<int>(sizeof(T));
+    constexpr int kParts = kBytes >= 16 ? kBytes / 16 : 1;
+    for (int c = tid; c < in; c += kGatherThreads) {
+      uint4 chunk[kParts];  // the column's kNB values, in registers
+      T* e = reinterpret_cast<T*>(chunk);
+#pragma unroll
+      for (int n = 0; n < kNB; ++n)
+        e[n] = n < nb_valid ? x[static_cast<size_t>(n0 + n) * in + c] : zero;
+      T* dst = xs + static_cast<size_t>(c) * kNB;
+      if constexpr (kBytes >= 16) {
+#pragma unroll
+        for (int part = 0; part < kParts; ++part) reinterpret_cast<uint4*>(dst)[part] = chunk[part];
+      } else if constexpr (kBytes == 8) {
+        *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(chunk);
+      } else if constexpr (kBytes == 4) {
+        *reinterpret_cast<uint32_t*>(dst) = *reinterpret_cast<const uint32_t*>(chunk);
+      } else {
+#pragma unroll
+        for (int n = 0; n < kNB; ++n) dst[n] = e[n];
+      }
+    }
+  } else if (p.x_vec_ok) {
+    const int total = in / kV;  // 16-byte vectors of the one batch row
     for (int base = tid; base < total; base += kGatherThreads * kBatch) {
       uint4 v[kBatch];
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int t = base + u * kGatherThreads;
-        const int n = t / vpr;
-        const int cv = t - n * vpr;
-        v[u] = (t < total && n < nb_valid)
-                   ? load_ro<uint4>(x + static_cast<size_t>(n0 + n) * in + cv * kV)
+        v[u] = t < total && nb_valid > 0
+                   ? load_ro<uint4>(x + static_cast<size_t>(n0) * in + t * kV)
                    : zero_vec<uint4>();
       }
 #pragma unroll
       for (int u = 0; u < kBatch; ++u) {
         const int t = base + u * kGatherThreads;
-        if (t >= total) continue;
-        const int n = t / vpr;
-        const int cv = t - n * vpr;
-        if constexpr (kNB == 1) {
-          *reinterpret_cast<uint4*>(xs + cv * kV) = v[u];
-        } else {
-          const T* e = reinterpret_cast<const T*>(&v[u]);
-#pragma unroll
-          for (int i = 0; i < kV; ++i) xs[(cv * kV + i) * kNB + n] = e[i];
-        }
+        if (t < total) *reinterpret_cast<uint4*>(xs + t * kV) = v[u];
       }
     }
   } else {
-    const int total = in * kNB;
-    constexpr int kScalarBatch = 8;
-    for (int base = tid; base < total; base += kGatherThreads * kScalarBatch) {
-      T v[kScalarBatch];
-#pragma unroll
-      for (int u = 0; u < kScalarBatch; ++u) {
-        const int t = base + u * kGatherThreads;
-        const int n = t / in;
-        const int c = t - n * in;
-        v[u] = (t < total && n < nb_valid) ? x[static_cast<size_t>(n0 + n) * in + c] : zero;
-      }
-#pragma unroll
-      for (int u = 0; u < kScalarBatch; ++u) {
-        const int t = base + u * kGatherThreads;
-        if (t >= total) continue;
-        const int n = t / in;
-        const int c = t - n * in;
-        xs[c * kNB + n] = v[u];
-      }
-    }
+    for (int c = tid; c < in; c += kGatherThreads)
+      xs[c] = nb_valid > 0 ? x[static_cast<size_t>(n0) * in + c] : zero;
   }
 }
 
@@ -294,29 +291,11 @@ __global__ void __launch_bounds__(kGatherThreads)
   stage_x<T, kNB>(xs, x, p, n0, nb_valid);
   __syncthreads();
 
-  for (; row_base < out; row_base = next_base(row_base)) {
-    const int row = weight_row(row_base + group);
+  // Reduces a row's partial sums over its group and writes the row (LSTM mode: the gates of
+  // its unit). `base` is the warp's row base; warp-uniform callers only (shuffles).
+  auto finish_row = [&](int base, float(&acc)[kNB]) {
+    const int row = weight_row(base + group);
     const bool row_ok = row < out;
-    const int next_row = weight_row(next_base(row_base) + group);
-    float acc[kNB];
-#pragma unroll
-    for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
-
-    // Set a holds the even passes, set b the odd ones. Set a's pass 0 was loaded before.
-    for (int pass = 0; pass < p.passes; pass += 2) {
-      const bool has_b = pass + 1 < p.passes;
-      if (has_b) load_pass(wv_b, iv_b, row, pass + 1);
-      if (row_ok) compute_pass(wv_a, iv_a, row, pass, acc);
-      // Set a is free again: this row's pass + 2, or the next row's pass 0.
-      if (pass + 2 < p.passes) {
-        load_pass(wv_a, iv_a, row, pass + 2);
-      } else {
-        load_pass(wv_a, iv_a, next_row, 0);
-      }
-      if (has_b && row_ok) compute_pass(wv_b, iv_b, row, pass + 1, acc);
-    }
-    if (row_ok) compute_edges(row, acc);
-
 #pragma unroll
     for (int n = 0; n < kNB; ++n) {
       for (int off = G >> 1; off > 0; off >>= 1)
@@ -326,7 +305,7 @@ __global__ void __launch_bounds__(kGatherThreads)
       // Gate sums of this quad's unit, from the quad's 4 groups (same lane g in each).
       const int quad_lane = (lane & ~(4 * G - 1)) + g;
       const bool cell_lane = (group & 3) == 0 && row_ok;
-      const int unit = (row_base + group) >> 2;
+      const int unit = (base + group) >> 2;
       const T* gx = static_cast<const T*>(p.gates_x);
       const T* c_in = static_cast<const T*>(p.c_in);
 #pragma unroll
@@ -356,6 +335,63 @@ __global__ void __launch_bounds__(kGatherThreads)
           y[static_cast<size_t>(n0 + n) * out + row] = from_float<T>(acc[n] + b);
       }
     }
+  };
+
+  if (p.passes == 1) {
+    // One pass per row (every row up to kGatherUnroll * G * kVec entries): the two register
+    // sets alternate between rows, so while one row is summed the next row's loads are in
+    // flight (one set would leave each warp two DRAM round trips back to back).
+    while (row_base < out) {
+      const int base_b = next_base(row_base);
+      const int row_a = weight_row(row_base + group);
+      const int row_b = weight_row(base_b + group);
+      load_pass(wv_b, iv_b, row_b, 0);
+      float acc[kNB];
+#pragma unroll
+      for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
+      if (row_a < out) {
+        compute_pass(wv_a, iv_a, row_a, 0, acc);
+        compute_edges(row_a, acc);
+      }
+      finish_row(row_base, acc);
+      if (base_b >= out) break;  // warp-uniform
+      const int base_a = next_base(base_b);
+      load_pass(wv_a, iv_a, weight_row(base_a + group), 0);
+#pragma unroll
+      for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
+      if (row_b < out) {
+        compute_pass(wv_b, iv_b, row_b, 0, acc);
+        compute_edges(row_b, acc);
+      }
+      finish_row(base_b, acc);
+      row_base = base_a;
+    }
+    return;
+  }
+
+  for (; row_base < out; row_base = next_base(row_base)) {
+    const int row = weight_row(row_base + group);
+    const bool row_ok = row < out;
+    const int next_row = weight_row(next_base(row_base) + group);
+    float acc[kNB];
+#pragma unroll
+    for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
+
+    // Set a holds the even passes, set b the odd ones. Set a's pass 0 was loaded before.
+    for (int pass = 0; pass < p.passes; pass += 2) {
+      const bool has_b = pass + 1 < p.passes;
+      if (has_b) load_pass(wv_b, iv_b, row, pass + 1);
+      if (row_ok) compute_pass(wv_a, iv_a, row, pass, acc);
+      // Set a is free again: this row's pass + 2, or the next row's pass 0.
+      if (pass + 2 < p.passes) {
+        load_pass(wv_a, iv_a, row, pass + 2);
+      } else {
+        load_pass(wv_a, iv_a, next_row, 0);
+      }
+      if (has_b && row_ok) compute_pass(wv_b, iv_b, row, pass + 1, acc);
+    }
+    if (row_ok) compute_edges(row, acc);
+    finish_row(row_base, acc);
   }
 }
 
