@@ -56,9 +56,10 @@ def _prune_calibrated(model, params, sparsity, bank_size, method, calibration) -
     model.eval()
     try:
         pattern = BalancedPattern(bank_size)
-        return prune_calibrated_(run_inputs(model), params, pattern, sparsity, method, calibration)[
-            0
-        ]
+        plan, _ = prune_calibrated_(
+            run_inputs(model), params, pattern, sparsity, method, calibration
+        )
+        return plan
     finally:
         model.train(training)
 

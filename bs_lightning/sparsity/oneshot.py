@@ -195,7 +195,8 @@ def prune_calibrated_(
     """
     check_method(method, calibration is not None)
     targets = _targets(params, sparsity)
-    targets = [pattern.check_target(s) for s in targets]
+    checked = {s: pattern.check_target(s) for s in dict.fromkeys(targets)}  # once per value
+    targets = [checked[s] for s in targets]
     keeps = [pattern.keep(p.matrix(), s, _label(p)) for p, s in zip(params, targets, strict=True)]
     ranked = [p.matrix() for p in params]
     if method != "magnitude":

@@ -341,29 +341,27 @@ __global__ void __launch_bounds__(kGatherThreads)
     // One pass per row (every row up to kGatherUnroll * G * kVec entries): the two register
     // sets alternate between rows, so while one row is summed the next row's loads are in
     // flight (one set would leave each warp two DRAM round trips back to back).
-    while (row_base < out) {
-      const int base_b = next_base(row_base);
-      const int row_a = weight_row(row_base + group);
-      const int row_b = weight_row(base_b + group);
-      load_pass(wv_b, iv_b, row_b, 0);
+    // Sums and writes the one-pass row at warp row base `base` from a loaded register set.
+    auto one_pass_row = [&](const VVal(&wv)[kGatherUnroll], const VIdx(&iv)[kGatherUnroll],
+                            int base) {
+      const int row = weight_row(base + group);
       float acc[kNB];
 #pragma unroll
       for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
-      if (row_a < out) {
-        compute_pass(wv_a, iv_a, row_a, 0, acc);
-        compute_edges(row_a, acc);
+      if (row < out) {
+        compute_pass(wv, iv, row, 0, acc);
+        compute_edges(row, acc);
       }
-      finish_row(row_base, acc);
+      finish_row(base, acc);
+    };
+    while (row_base < out) {
+      const int base_b = next_base(row_base);
+      load_pass(wv_b, iv_b, weight_row(base_b + group), 0);
+      one_pass_row(wv_a, iv_a, row_base);
       if (base_b >= out) break;  // warp-uniform
       const int base_a = next_base(base_b);
       load_pass(wv_a, iv_a, weight_row(base_a + group), 0);
-#pragma unroll
-      for (int n = 0; n < kNB; ++n) acc[n] = 0.f;
-      if (row_b < out) {
-        compute_pass(wv_b, iv_b, row_b, 0, acc);
-        compute_edges(row_b, acc);
-      }
-      finish_row(base_b, acc);
+      one_pass_row(wv_b, iv_b, base_b);
       row_base = base_a;
     }
     return;
