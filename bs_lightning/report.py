@@ -9,6 +9,7 @@ and any open pyplot figures alone).
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from collections import defaultdict
@@ -121,11 +122,27 @@ def _is_dense(run: dict) -> bool:
     return is_dense_target(run["sparsity"])
 
 
+def _natural(label: str) -> list:
+    """Sort key that orders numbers inside labels by value ("banks of 25" before "of 100")."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", label)]
+
+
+def _column_labels(patterns: list[Pattern]) -> list[str]:
+    """Each pattern's table column: its short `label`, or its `describe()` text where runs
+    of one label differ in shape (balanced banks of 25 and of 100 are two columns, not one
+    averaged cell)."""
+    shapes = defaultdict(set)
+    for p in patterns:
+        shapes[p.label].add(p)
+    return [p.describe() if len(shapes[p.label]) > 1 else p.label for p in patterns]
+
+
 def summarize(runs: list[dict]) -> dict:
     """Aggregate runs into a table: metric per pattern per sparsity, and the speedups of the patterns that convert.
 
     The dense row comes from dense runs (sparsity 0), else from the pruned runs' dense
-    baselines. Several runs in one cell are averaged (their count is kept).
+    baselines. Several runs of one pattern shape and sparsity (seeds) are averaged (their
+    count is kept); runs of one pattern in different shapes get one column per shape.
 
     Raises:
         ValueError: if the runs report different metrics.
@@ -135,20 +152,19 @@ def summarize(runs: list[dict]) -> dict:
         raise ValueError(f"bs-report: the runs report different metrics {sorted(names)}")
     cells: dict[tuple[str, float], list[dict]] = defaultdict(list)
     converting: set[str] = set()  # labels of patterns that convert to sparse modules
-    for run in runs:
-        if isinstance(run["sparsity"], dict):
-            continue  # per-layer targets have no place in a one-number-per-row table
-        if not _is_dense(run):
-            pattern = _pattern(run)
-            cells[(pattern.label, float(run["sparsity"]))].append(run)
-            if pattern.converts:
-                converting.add(pattern.label)
+    pruned = [r for r in runs if not isinstance(r["sparsity"], dict) and not _is_dense(r)]
+    # per-layer targets have no place in a one-number-per-row table
+    labels = _column_labels([_pattern(r) for r in pruned])
+    for run, label in zip(pruned, labels, strict=True):
+        cells[(label, float(run["sparsity"]))].append(run)
+        if _pattern(run).converts:
+            converting.add(label)
     dense_runs = [r for r in runs if _is_dense(r)]
     dense_values = [r["pruned"] for r in dense_runs] or [
         r["dense"] for r in runs if r["dense"] is not None
     ]
     # the patterns that convert first (their speedup is measured), then the others
-    patterns = sorted({p for p, _ in cells}, key=lambda p: (p not in converting, p))
+    patterns = sorted({p for p, _ in cells}, key=lambda p: (p not in converting, _natural(p)))
     sparsities = sorted({s for _, s in cells})
     table = {}
     for (pattern, s), group in cells.items():

@@ -80,6 +80,20 @@ def test_summarize_builds_the_paper_table():
     assert "| 0.9 |  |  | 150.00 |  | - |" in md
 
 
+def test_summarize_gives_each_bank_size_its_own_column():
+    runs = []
+    for bank, ppl in ((25, 120.0), (50, 121.0), (100, 124.0)):
+        run = _run("balanced", 0.8, ppl, speedup=1.5, dense=99.0)
+        run["bank_size"] = bank
+        runs.append(run)
+    summary = summarize(runs + [_run("unstructured", 0.8, 119.0, dense=99.0)])
+    banks = ["balanced (banks of 25)", "balanced (banks of 50)", "balanced (banks of 100)"]
+    assert summary["patterns"] == banks + ["unstructured"]
+    assert summary["converting"] == banks
+    assert summary["cells"]["balanced (banks of 25)@0.8"]["metric"] == 120.0
+    assert all(c["runs"] == 1 for c in summary["cells"].values())
+
+
 def test_summarize_takes_dense_from_baselines_without_a_dense_run():
     summary = summarize([_run("balanced", 0.6, 101.0, speedup=1.5, dense=98.0)])
     assert summary["dense"] == 98.0
