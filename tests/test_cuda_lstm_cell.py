@@ -1,5 +1,5 @@
-"""The fused LSTM time step `torch.ops.bs_lightning.balanced_lstm_cell` (CUDA only) and the
-benchmark's sequence forward built on it, against float64 references.
+"""The fused LSTM time step `torch.ops.bs_lightning.balanced_lstm_cell` (CUDA only) and
+`BalancedSparseLSTM`'s CUDA step loop built on it, against float64 references.
 
 Error rule as in test_cuda_kernels.py: at most twice the error of PyTorch's own unfused step
 (`F.linear`, `sigmoid`, `tanh` in the same dtype) plus 1e-6 of the output scale.
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from bs_lightning import _build, ops
-from bs_lightning.bench.lstm_e2e import make_fused_forward
 from bs_lightning.nn import BalancedSparseLSTM
 from bs_lightning.nn.cuda_graph import CudaGraphRunner
 from bs_lightning.nn.format import pack_balanced
@@ -98,26 +98,41 @@ def test_cell_errors_are_clear():
         cell(gates_x, h, c[:, :32], values, indices, 16)
 
 
+class _CellCalls(TorchDispatchMode):
+    """Counts `bs_lightning::balanced_lstm_cell` calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.cells = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.cells += func.name() == "bs_lightning::balanced_lstm_cell"
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fused_sequence_forward_matches_module(dtype):
-    """The benchmark's fused forward computes what BalancedSparseLSTM computes: both against
-    the module in float64 (same rounded weights), fused error at most 2x the module's."""
+def test_module_runs_the_fused_step_and_replays_it(dtype):
+    """BalancedSparseLSTM on CUDA runs one fused step per time step and layer; its error
+    against the module in float64 (same rounded weights, unfused) is at most twice cuDNN's
+    in the same dtype; the captured step loop replays it exactly."""
     torch.manual_seed(0)
     dense = nn.LSTM(80, 120, num_layers=2).eval()
     sparse = BalancedSparseLSTM.from_dense(dense, 20, sparsity=0.8).to("cuda", dtype).eval()
     sparse64 = copy.deepcopy(sparse).double()
+    twin = sparse.to_dense().eval()  # cuDNN on the same rounded weights
     x = torch.randn(7, 2, 80, device="cuda").to(dtype)
-    forward = make_fused_forward(sparse)
+    with torch.no_grad(), _CellCalls() as calls:
+        fused = sparse(x)
+    assert calls.cells == 7 * 2
     with torch.no_grad():
-        fused = forward(x)
-        module = sparse(x)
+        torch_own = twin(x)
         ref = sparse64(x.double())
     for got, own, want in zip(
-        (fused[0], *fused[1]), (module[0], *module[1]), (ref[0], *ref[1]), strict=True
+        (fused[0], *fused[1]), (torch_own[0], *torch_own[1]), (ref[0], *ref[1]), strict=True
     ):
         err = (got.double() - want).abs().max().item()
-        err_module = (own.double() - want).abs().max().item()
-        assert err <= 2 * err_module + 1e-6 * want.abs().max().item(), (err, err_module)
-    graphed_out, (graphed_h, _) = CudaGraphRunner(forward, [x])(x)
+        err_torch = (own.double() - want).abs().max().item()
+        assert err <= 2 * err_torch + 1e-6 * want.abs().max().item(), (err, err_torch)
+    graphed_out, (graphed_h, _) = CudaGraphRunner(sparse, [x])(x)
     torch.testing.assert_close(graphed_out, fused[0], rtol=0, atol=0)
     torch.testing.assert_close(graphed_h, fused[1][0], rtol=0, atol=0)

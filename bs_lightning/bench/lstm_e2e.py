@@ -6,11 +6,10 @@ each is timed with CUDA events around one call (median of `--reps` after `--warm
 
 - `dense_eager`: `nn.LSTM` as users run it (cuDNN, kernels launched from Python).
 - `dense_graph`: the same call captured in a CUDA graph.
-- `sparse_eager`: `BalancedSparseLSTM` launched from Python.
+- `sparse_eager`: `BalancedSparseLSTM` launched from Python (on CUDA each time step is one
+  fused `balanced_lstm_cell` kernel: recurrent product, gates and state update).
 - `sparse_graph`: `BalancedSparseLSTM` captured by `CudaGraphRunner` (the step loop becomes
   one graph launch).
-- `sparse_fused_graph`: the same weights, each time step one `balanced_lstm_cell` op (the
-  recurrent product, gates and state update fused in one CUDA kernel), captured.
 - `sparse_compiled_graph` (with `--compile`, first bank size only): `torch.compile` of the
   sparse module (fuses the gate arithmetic of each step), then captured.
 
@@ -32,7 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bs_lightning import ops
 from bs_lightning.bench.device import device_label, device_slug
 from bs_lightning.bench.results import write_result
 from bs_lightning.bench.timing import cuda_event_us
@@ -63,55 +61,6 @@ def layout(sparse: BalancedSparseLSTM, weight: str) -> list[int]:
     return getattr(sparse, weight + "_layout").tolist()
 
 
-def make_fused_forward(sparse: BalancedSparseLSTM) -> Callable:
-    """Sequence forward of a unidirectional `BalancedSparseLSTM` (on CUDA) with one fused
-    `torch.ops.bs_lightning.balanced_lstm_cell` per time step and layer.
-
-    Layouts are read here, once, so the returned function has no host syncs (capturable).
-
-    Returns:
-        `forward(x [T, B, input_size]) -> (out [T, B, H], (h_n, c_n) [layers, B, H])`.
-
-    Raises:
-        ValueError: when the module is bidirectional (not supported by this variant).
-    """
-    if sparse.bidirectional:
-        raise ValueError("make_fused_forward supports unidirectional LSTMs only")
-    layers = []
-    for layer in range(sparse.num_layers):
-        _, in_ih, bank_ih, _ = layout(sparse, f"weight_ih_l{layer}")
-        bank_hh = layout(sparse, f"weight_hh_l{layer}")[2]
-        layers.append(
-            (
-                getattr(sparse, f"weight_ih_l{layer}_values"),
-                getattr(sparse, f"weight_ih_l{layer}_indices"),
-                bank_ih,
-                in_ih,
-                getattr(sparse, f"bias_l{layer}") if sparse.has_bias else None,
-                getattr(sparse, f"weight_hh_l{layer}_values"),
-                getattr(sparse, f"weight_hh_l{layer}_indices"),
-                bank_hh,
-            )
-        )
-
-    def forward(x: torch.Tensor):
-        steps, batch = x.shape[0], x.shape[1]
-        h_n, c_n = [], []
-        for v_ih, i_ih, b_ih, in_ih, bias, v_hh, i_hh, b_hh in layers:
-            gates_x = ops.balanced_linear(x, v_ih, i_ih, b_ih, in_ih, bias)  # [T, B, 4H]
-            h = c = x.new_zeros(batch, sparse.hidden_size)
-            outs = []
-            for t in range(steps):
-                h, c = torch.ops.bs_lightning.balanced_lstm_cell(gates_x[t], h, c, v_hh, i_hh, b_hh)
-                outs.append(h)
-            x = torch.stack(outs)
-            h_n.append(h)
-            c_n.append(c)
-        return x, (torch.stack(h_n), torch.stack(c_n))
-
-    return forward
-
-
 def measured_sparsity(sparse: BalancedSparseLSTM) -> float:
     """Fraction of zeros of the dense matrices the sparse module stands for (all layers)."""
     total = kept = 0
@@ -136,10 +85,6 @@ def variants(dense, sparse, x, compile_sparse: bool) -> dict[str, Callable[[], o
             out[name] = CudaGraphRunner(fn, [x]).replay
         except Exception as exc:  # recorded in the results, e.g. a capture cuDNN refuses
             out[name] = exc
-    try:
-        out["sparse_fused_graph"] = CudaGraphRunner(make_fused_forward(sparse), [x]).replay
-    except Exception as exc:
-        out["sparse_fused_graph"] = exc
     if compile_sparse:
         try:
             compiled = torch.compile(sparse, dynamic=False)
@@ -179,7 +124,6 @@ def run(args) -> dict:
             "k": layout(sparse, "weight_hh_l0")[3],
             "sparsity": round(measured_sparsity(sparse), 4),
             "max_abs_diff_vs_pruned_dense": float((out_sparse - out_pruned).abs().max()),
-            "max_abs_diff_fused_vs_module": None,
             "times_us": {},
             "errors": {},
         }
@@ -197,13 +141,6 @@ def run(args) -> dict:
                         entry["errors"][name] = f"{type(exc).__name__}: {exc}"[:300]
                 else:
                     fn()  # dry run: exercise the path once
-        if device.type == "cuda":
-            try:
-                with torch.no_grad():
-                    fused = make_fused_forward(sparse)(x)[0].float()
-                entry["max_abs_diff_fused_vs_module"] = float((fused - out_sparse).abs().max())
-            except Exception as exc:  # recorded, the other variants still run
-                entry["errors"]["sparse_fused_check"] = f"{type(exc).__name__}: {exc}"[:300]
         t = entry["times_us"]
         if "dense_eager" in t and "sparse_graph" in t:
             entry["speedup_vs_dense_eager"] = round(t["dense_eager"] / t["sparse_graph"], 3)
@@ -227,7 +164,6 @@ def to_markdown(results: dict) -> str:
         "dense_graph",
         "sparse_eager",
         "sparse_graph",
-        "sparse_fused_graph",
         "sparse_compiled_graph",
     ]
     lines = [

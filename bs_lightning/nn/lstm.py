@@ -1,9 +1,18 @@
 """`BalancedSparseLSTM`: `nn.LSTM` inference with balanced-sparse `W_ih` and `W_hh`.
 
 Per layer and direction: the input projection of the whole sequence is one balanced product
-(`[T * B, in] -> [T * B, 4H]`, with the folded bias `b_ih + b_hh`), then each time step is
-one balanced product of `h` with all four gates of `W_hh [4H, H]`. The step loop has no host
-syncs and no data-dependent Python branches, so it can be captured in a CUDA graph.
+(`[T * B, in] -> [T * B, 4H]`, with the folded bias `b_ih + b_hh`), then the recurrence:
+
+- CPU, fp32, tile kernel: the whole recurrence in one compiled call (`balanced_lstm_layer`).
+- CUDA kernels loaded, eager inference, fp32/fp16/bf16, batch below the CUDA dense
+  crossover: each time step is one fused `balanced_lstm_cell` (recurrent product, gates and
+  state update in one kernel launch).
+- Otherwise each step is one balanced product of `h` with all four gates of `W_hh [4H, H]`,
+  then the gate arithmetic in PyTorch ops (also the autograd and `torch.compile` path).
+
+The step loop has no host syncs and no data-dependent Python branches, so it can be captured
+in a CUDA graph (`bs_lightning.nn.cuda_graph.CudaGraphRunner`): batch-1 generation then costs
+one graph launch per sequence instead of one launch per step and layer.
 Gate order is PyTorch's: input, forget, cell, output.
 """
 
@@ -20,6 +29,15 @@ from bs_lightning import ops
 from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
 
 __all__ = ["BalancedSparseLSTM", "lstm_weight_names"]
+
+# the dtypes the fused CUDA step (csrc/cuda/lstm_cell_cuda.cu) is built for
+_CELL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _fused_step_available(h: torch.Tensor) -> bool:
+    """Whether the compiled CUDA `balanced_lstm_cell` kernel serves `h`'s device (the op's
+    CPU kernel is the PyTorch reference, slower than the step loop's own products)."""
+    return h.is_cuda and ops.backend(h.device) == "compiled-cuda"
 
 
 def lstm_weight_names(num_layers: int, bidirectional: bool) -> list[str]:
@@ -146,6 +164,12 @@ class BalancedSparseLSTM(BalancedSparseModule):
         steps = x.shape[0]
         order = range(steps - 1, -1, -1) if reverse else range(steps)
         outs: list[torch.Tensor] = [x] * steps  # placeholders, every slot is overwritten
+        cell = self._fused_cell(hh, gates_x, h, c)
+        if cell is not None:  # one kernel per step: product, gates and state update
+            for t in order:
+                h, c = torch.ops.bs_lightning.balanced_lstm_cell(gates_x[t], h, c, *cell)
+                outs[t] = h
+            return torch.stack(outs), h, c
         for t in order:
             gates = gates_x[t] + self._product(hh, h, None)  # [B, 4H]
             i, f, g, o = gates.chunk(4, dim=-1)
@@ -153,6 +177,28 @@ class BalancedSparseLSTM(BalancedSparseModule):
             h = torch.sigmoid(o) * torch.tanh(c)
             outs[t] = h
         return torch.stack(outs), h, c
+
+    def _fused_cell(self, prefix: str, gates_x, h: torch.Tensor, c: torch.Tensor):
+        """`(values, indices, bank_size)` of recurrent matrix `prefix` when the fused CUDA
+        step `balanced_lstm_cell` runs this recurrence (`gates_x [T, B, 4H]`, states
+        `h`/`c [B, H]`), else None.
+
+        It runs on CUDA with the compiled CUDA kernels, in inference (nothing records
+        gradients, not traced by `torch.compile`), for the dtypes the kernel has, while the
+        recurrent product would run the sparse kernel: from the CUDA dense crossover on
+        (`_cuda_dense_wins`) the dense copy and PyTorch's gate ops are faster.
+        """
+        values = self._parameters[prefix + "values"]
+        if h.dtype != values.dtype or h.dtype not in _CELL_DTYPES:
+            return None
+        if torch.compiler.is_compiling() or not _fused_step_available(h):
+            return None
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (values, gates_x, h, c)):
+            return None  # the fused step has no backward
+        _, _, bank_size, k = self._layouts[prefix]
+        if self.dense_fallback and self._cuda_dense_wins((prefix, None), h, values, k):
+            return None
+        return values, self._buffers[prefix + "indices"], bank_size
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Same contract as `nn.LSTM.forward` (without `PackedSequence`).
