@@ -135,6 +135,7 @@ def test_cuda_large_batch_runs_the_cached_dense_copy(monkeypatch):
     monkeypatch.delenv("BS_LIGHTNING_CUDA_DENSE_MIN_BATCH", raising=False)
     dense = nn.Linear(256, 128).cuda().half()
     layer = BalancedSparseLinear.from_dense(dense, sparsity=0.9, bank_size=32).cuda()
+    layer.measured_dispatch = False  # the rule
     pruned = layer.to_dense()
     crossover = ops.cuda_dense_crossover(layer.k, 32, 2)
     with torch.inference_mode():
@@ -147,3 +148,26 @@ def test_cuda_large_batch_runs_the_cached_dense_copy(monkeypatch):
         weight = layer.dense_weight
         layer(big)
         assert layer.dense_weight is weight
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_choice_is_measured_per_size_class_outside_capture():
+    dense = nn.Linear(256, 128).cuda().half()
+    layer = BalancedSparseLinear.from_dense(dense, sparsity=0.5, bank_size=32).cuda().eval()
+    layer.measured_dispatch = True  # tests pin the rule (conftest)
+    pruned = layer.to_dense()
+    x = torch.randn(64, 256, device="cuda", dtype=torch.half)
+    key = (("", None, "cuda"), (64).bit_length())
+    with torch.inference_mode():
+        # a capture without a cached choice takes the rule and leaves the class unmeasured
+        graph = torch.cuda.CUDAGraph()
+        layer(x)  # warm-up outside the capture (lazy cuBLAS set-up): measures and caches
+        layer._dispatch.clear()
+        with torch.cuda.graph(graph):
+            layer(x)
+        assert key not in layer._dispatch
+        torch.testing.assert_close(layer(x), pruned(x), rtol=2e-3, atol=2e-3)
+        dense_wins = layer._dispatch[key]  # measured on that eager call
+        assert bool(layer.dense_weight.numel()) == dense_wins
+        layer(torch.randn(100, 256, device="cuda", dtype=torch.half))  # same class: reused
+        assert len(layer._dispatch) == 1

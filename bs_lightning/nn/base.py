@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -112,6 +113,31 @@ def _stamp(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t.dtype, -1 if t.is_inference() else t._version) for t in tensors)
 
 
+def _best_times(calls: dict, device: torch.device, repeats: int) -> dict[str, float]:
+    """Best time of each zero-argument call over `repeats` rounds, the calls in turns after
+    one untimed warm-up round: wall clock on the CPU, CUDA events (synchronized) on a GPU."""
+    best = dict.fromkeys(calls, math.inf)
+    for rep in range(repeats + 1):
+        for name, call in calls.items():
+            if device.type == "cuda":
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                call()
+                end.record()
+                end.synchronize()
+                seconds = start.elapsed_time(end) * 1e-3
+            else:
+                start_s = time.perf_counter()
+                call()
+                seconds = time.perf_counter() - start_s
+            if rep:
+                best[name] = min(best[name], seconds)
+    return best
+
+
 def _records_grad(x: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """True when a product of `x` with `values` (and `bias`) needs an autograd graph."""
     return x.requires_grad or values.requires_grad or (bias is not None and bias.requires_grad)
@@ -138,16 +164,16 @@ class BalancedSparseModule(nn.Module):
     runs their products (`_product`).
 
     Attributes:
-        dense_fallback: when True (default), a CPU product where `F.linear` on a dense copy
-            of the matrix is faster than the tile kernel runs that (as fast as the dense
-            layer, at the cost of its memory), and so does a CUDA product from
-            `ops.cuda_dense_crossover` rows on. False keeps the memory of the compact format
-            and always runs the kernels (which unpack per call from the crossover on:
-            slower than dense there).
+        dense_fallback: when True (default), a product where `F.linear` on a dense copy of
+            the matrix is faster than the kernel (the CPU tile kernel, the CUDA gather
+            kernel) runs that (as fast as the dense layer, at the cost of its memory).
+            False keeps the memory of the compact format and always runs the kernels (which
+            unpack per call from their crossover on: slower than dense there).
         measured_dispatch: when True (default), which of the two is faster is measured on
             the first input of each size class (power-of-two rows, from `MEASURE_MIN_ROWS`
-            on) of each matrix, on that input, and cached; False uses the rule
-            `ops.dense_crossover(k, bank_size)` (measured offline by kept fraction only).
+            on) of each matrix, on that input, and cached (on CUDA with events, never
+            inside a CUDA-graph capture); False uses the rules `ops.dense_crossover(k,
+            bank_size)` and `ops.cuda_dense_crossover(k, bank_size, elem_bytes)`.
     """
 
     dense_fallback: bool = True
@@ -223,7 +249,11 @@ class BalancedSparseModule(nn.Module):
             values, indices = values[rows], indices[rows]
         key = (prefix, None if rows is None else (rows.start, rows.stop))
         if not self._tiles_apply(x, values, bank_size):
-            if x.is_cuda and self.dense_fallback and self._cuda_dense_wins(key, x, values, k):
+            if (
+                x.is_cuda
+                and self.dense_fallback
+                and self._cuda_dense_wins(key, x, bias, values, indices)
+            ):
                 return F.linear(x, self._dense_copy(key, values, indices), bias)
             return ops.balanced_linear(x, values, indices, bank_size, in_features, bias)
         tiles = self._tiles(key, values, indices)
@@ -278,53 +308,55 @@ class BalancedSparseModule(nn.Module):
         choice = self._dispatch.get(choice_key)
         if choice is None:
             if self.measured_dispatch and batch >= MEASURE_MIN_ROWS:
-                choice = self._measure_dense_wins(key, x, bias, values, indices, tiles)
+                sparse = partial(
+                    torch.ops.bs_lightning.balanced_linear_tiled,
+                    x,
+                    *tiles,
+                    bank_size,
+                    in_features,
+                    values.size(0),
+                    bias,
+                )
+                choice = self._measure_dense_wins(key, x, bias, values, indices, sparse)
             else:
                 choice = batch >= ops.dense_crossover(k, bank_size)
             self._dispatch[choice_key] = choice
         return choice
 
-    def _cuda_dense_wins(self, key: tuple, x, values, k: int) -> bool:
-        """Whether a CUDA product of `x` runs on the cached dense copy: from the rows at
-        which the CUDA op would unpack the matrix to a dense one on every call
-        (`ops.cuda_dense_crossover`), so a large batch costs what the dense layer costs.
-        Cached per matrix and row count."""
-        _, in_features, bank_size, _ = self._layouts[key[0]]
+    def _cuda_dense_wins(self, key: tuple, x, bias, values, indices) -> bool:
+        """Whether a CUDA product of `x` runs on the cached dense copy: measured once per
+        matrix and size class of `x` from `MEASURE_MIN_ROWS` rows on (`measured_dispatch`,
+        outside CUDA-graph capture, which cannot synchronize to time), else the rule
+        `ops.cuda_dense_crossover`: the rows from which the CUDA op would unpack the matrix
+        on every call. A capture without a cached choice uses the rule without caching it."""
+        _, in_features, bank_size, k = self._layouts[key[0]]
         batch = x.numel() // in_features
-        choice_key = ((*key, "cuda"), batch)
+        measured = self.measured_dispatch and batch >= MEASURE_MIN_ROWS
+        choice_key = ((*key, "cuda"), batch.bit_length() if measured else batch)
         choice = self._dispatch.get(choice_key)
-        if choice is None:
-            choice = (
-                x.dtype == values.dtype
-                and ops.load()
-                and batch >= ops.cuda_dense_crossover(k, bank_size, values.element_size())
-            )
-            self._dispatch[choice_key] = choice
+        if choice is not None:
+            return choice
+        if x.dtype != values.dtype or not ops.load():
+            choice = False  # the op raises on mixed dtypes; no library: nothing to pick
+        elif measured and not torch.cuda.is_current_stream_capturing():
+            sparse = partial(ops.balanced_linear, x, values, indices, bank_size, in_features, bias)
+            choice = self._measure_dense_wins(key, x, bias, values, indices, sparse)
+        else:
+            choice = batch >= ops.cuda_dense_crossover(k, bank_size, values.element_size())
+            if measured:
+                return choice  # captured now; an eager call of this size class measures
+        self._dispatch[choice_key] = choice
         return choice
 
-    def _measure_dense_wins(self, key: tuple, x, bias, values, indices, tiles) -> bool:
-        """Times the tile kernel (on `tiles`) and `F.linear` on the dense copy on `x` itself,
-        in turns (best of `MEASURE_REPEATS` each); drops the dense copy again when the tiles
-        win."""
+    def _measure_dense_wins(self, key: tuple, x, bias, values, indices, sparse) -> bool:
+        """Times `sparse()` (the kernel) and `F.linear` on the dense copy on `x` itself, in
+        turns (best of `MEASURE_REPEATS` each, after one warm-up round; CUDA events on a GPU);
+        drops the dense copy again when the kernel wins."""
         prefix, rows = key
-        _, in_features, bank_size, _ = self._layouts[prefix]
-        tile_values, tile_indices = tiles
         weight = self._dense_copy(key, values, indices)
-        out_features = values.size(0)
-        best = {"tiles": math.inf, "dense": math.inf}
-        calls = {
-            "tiles": lambda: torch.ops.bs_lightning.balanced_linear_tiled(
-                x, tile_values, tile_indices, bank_size, in_features, out_features, bias
-            ),
-            "dense": lambda: F.linear(x, weight, bias),
-        }
-        for rep in range(MEASURE_REPEATS + 1):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if rep:  # the first round warms both up
-                    best[name] = min(best[name], time.perf_counter() - start)
-        dense_wins = best["dense"] < best["tiles"]
+        calls = {"sparse": sparse, "dense": lambda: F.linear(x, weight, bias)}
+        best = _best_times(calls, x.device, MEASURE_REPEATS)
+        dense_wins = best["dense"] < best["sparse"]
         if not dense_wins and rows is None and not self._dispatch_uses_dense(prefix):
             self._buffers[prefix + "dense_weight"] = weight.new_empty(0)
             self._kernel_cache.pop((prefix, None, "dense"), None)

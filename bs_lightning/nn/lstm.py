@@ -195,10 +195,11 @@ class BalancedSparseLSTM(BalancedSparseModule):
             return None
         if torch.is_grad_enabled() and any(t.requires_grad for t in (values, gates_x, h, c)):
             return None  # the fused step has no backward
-        _, _, bank_size, k = self._layouts[prefix]
-        if self.dense_fallback and self._cuda_dense_wins((prefix, None), h, values, k):
+        bank_size = self._layouts[prefix][2]
+        indices = self._buffers[prefix + "indices"]
+        if self.dense_fallback and self._cuda_dense_wins((prefix, None), h, None, values, indices):
             return None
-        return values, self._buffers[prefix + "indices"], bank_size
+        return values, indices, bank_size
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Same contract as `nn.LSTM.forward` (without `PackedSequence`).
