@@ -12,14 +12,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.op_calls import OpCalls
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bs_lightning import _build, ops
 from bs_lightning.nn import BalancedSparseLSTM
 from bs_lightning.nn.cuda_graph import CudaGraphRunner
 from bs_lightning.nn.format import pack_balanced
 from bs_lightning.sparsity import balanced_mask
+
+CELL = "bs_lightning::balanced_lstm_cell"
 
 pytestmark = [
     pytest.mark.cuda,
@@ -98,18 +100,6 @@ def test_cell_errors_are_clear():
         cell(gates_x, h, c[:, :32], values, indices, 16)
 
 
-class _CellCalls(TorchDispatchMode):
-    """Counts `bs_lightning::balanced_lstm_cell` calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.cells = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.cells += func.name() == "bs_lightning::balanced_lstm_cell"
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_module_runs_the_fused_step_and_replays_it(dtype):
     """BalancedSparseLSTM on CUDA runs one fused step per time step and layer; its error
@@ -121,9 +111,9 @@ def test_module_runs_the_fused_step_and_replays_it(dtype):
     sparse64 = copy.deepcopy(sparse).double()
     twin = sparse.to_dense().eval()  # cuDNN on the same rounded weights
     x = torch.randn(7, 2, 80, device="cuda").to(dtype)
-    with torch.no_grad(), _CellCalls() as calls:
+    with torch.no_grad(), OpCalls(CELL) as calls:
         fused = sparse(x)
-    assert calls.cells == 7 * 2
+    assert calls.count == 7 * 2
     with torch.no_grad():
         torch_own = twin(x)
         ref = sparse64(x.double())

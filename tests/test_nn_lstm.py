@@ -4,8 +4,8 @@ import io
 
 import pytest
 import torch
+from helpers.op_calls import OpCalls
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bs_lightning import ops
 from bs_lightning.nn import BalancedSparseLSTM
@@ -14,6 +14,7 @@ from bs_lightning.nn.lstm import lstm_weight_names
 from bs_lightning.sparsity import balanced_mask
 
 ops.load()  # the skip conditions below ask which kernels this build has
+CELL = "bs_lightning::balanced_lstm_cell"
 
 
 def _pruned_lstm(bank, sparsity, seed=0, **kwargs):
@@ -125,18 +126,6 @@ def test_fused_cpu_layer_matches_nn_lstm_with_state(hidden, bank, batch):
     _assert_same(sparse(big), lstm(big))
 
 
-class _CellCalls(TorchDispatchMode):
-    """Counts `bs_lightning::balanced_lstm_cell` calls (the fused CUDA step)."""
-
-    def __init__(self):
-        super().__init__()
-        self.cells = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.cells += func.name() == "bs_lightning::balanced_lstm_cell"
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.fixture
 def fused_step_here(monkeypatch):
     """The CUDA step loop on the CPU: the fused step counts as available and the compiled
@@ -153,9 +142,9 @@ def test_fused_step_loop_one_cell_per_step(fused_step_here):
     steps, batch = 5, 3
     x = torch.randn(steps, batch, 16)
     h0, c0 = torch.randn(4, batch, 24), torch.randn(4, batch, 24)
-    with torch.no_grad(), _CellCalls() as calls:
+    with torch.no_grad(), OpCalls(CELL) as calls:
         got = sparse(x, (h0, c0))
-    assert calls.cells == steps * 2 * 2  # every step of both layers and directions
+    assert calls.count == steps * 2 * 2  # every step of both layers and directions
     with torch.no_grad():
         _assert_same(got, lstm(x, (h0, c0)))
 
@@ -164,18 +153,18 @@ def test_fused_step_loop_left_for_autograd_and_large_batches(fused_step_here):
     lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16)
     sparse = BalancedSparseLSTM.from_dense(lstm, 8)
     x = torch.randn(4, 2, 16, requires_grad=True)
-    with _CellCalls() as calls:
+    with OpCalls(CELL) as calls:
         out, _ = sparse(x)
-    assert calls.cells == 0  # the fused step has no backward: PyTorch's gate ops record it
+    assert calls.count == 0  # the fused step has no backward: PyTorch's gate ops record it
     out.sum().backward()
     assert x.grad is not None
     big = ops.cuda_dense_crossover(2, 8, 4)  # k = 2 of 8 at 75%, fp32
-    with torch.no_grad(), _CellCalls() as calls:
+    with torch.no_grad(), OpCalls(CELL) as calls:
         sparse(torch.randn(2, big, 16))
-    assert calls.cells == 0  # past the crossover the dense copy runs the recurrent product
-    with torch.no_grad(), _CellCalls() as calls:
+    assert calls.count == 0  # past the crossover the dense copy runs the recurrent product
+    with torch.no_grad(), OpCalls(CELL) as calls:
         sparse.double()(torch.randn(2, 1, 16, dtype=torch.float64))
-    assert calls.cells == 0  # no float64 kernel
+    assert calls.count == 0  # no float64 kernel
 
 
 def test_fused_layer_errors_name_the_argument():

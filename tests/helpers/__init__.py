@@ -6,6 +6,7 @@
 - `helpers.hf_fakes`: a tiny BERT folder with its tokenizer, and SST-2 files.
 - `helpers.fake_datasets`: PTB and Fashion-MNIST stand-ins in their real file formats.
 - `helpers.kernels`: balanced cases and the accuracy rule of the CPU kernel tests.
+- `helpers.op_calls`: `OpCalls`, a count of one operator's calls (a dispatch mode).
 """
 
 from __future__ import annotations
