@@ -72,6 +72,24 @@ def test_bs_train_run_folder(tmp_path):
     assert row["max_abs_diff"] < 1e-4
 
 
+def test_bs_train_cnn_run_takes_images(tmp_path, capsys):
+    cfg = compose_config(tiny("cnn_fashion_mnist", tmp_path))
+    train(cfg)
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    out = tmp_path / "out"
+    assert main([str(run), "--batches", "1", "4", *FAST, "--out-dir", str(out)]) == 0
+    rows = _rows(out)
+    # images [batch, 1, 28, 28]: one row per batch, no sequence length
+    assert [(r["batch"], r["seq_len"]) for r in rows] == [(1, None), (4, None)]
+    assert all(r["max_abs_diff"] < 1e-4 and r["speedup"] > 0 for r in rows)
+    done, of = rows[0]["layers_converted"].split(" of ")
+    assert done == of != "0"  # every pruned convolution and linear layer converted
+    assert "[2/2] eager sparsity" in capsys.readouterr().out
+    assert "| 4 | - |" in (out / "results.md").read_text()
+
+
 def test_not_a_model_says_so_in_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match=r"empty is not a Hugging Face model folder, a bs-train"):

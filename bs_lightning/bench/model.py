@@ -14,7 +14,9 @@ Sources:
 - a `bs-train` run folder (or a checkpoint inside one): the model class from the run's
   `.hydra/config.yaml`, the weights and the sparsity plan from `checkpoints/last.ckpt`
   (`SparsityPlan.from_checkpoint`), converted with that plan; the dense baseline is the
-  pruned model on dense kernels. Language models only (inputs are token ids of `vocab_size`).
+  pruned model on dense kernels. Language models take random token ids of `vocab_size`;
+  classifiers (a `input_shape` hparam: the CNN, the MLP) random `[batch, *input_shape]`
+  inputs, one row per batch (`--seq-lens` does not apply: `seq` is `-`).
 
 For each case (sparsity x batch x sequence length, eager and with `--compile` also
 `torch.compile`d), dense and converted run on the same random token ids and are timed in
@@ -111,10 +113,10 @@ def _run_pairs(ckpt: Path) -> Iterator[tuple[float, nn.Module, nn.Module, Sparsi
         raise SystemExit(f"bs-bench model: {config} not found: {ckpt} is not in a bs-train run")
     cls = get_class(OmegaConf.load(config).model._target_)
     dense = cls.load_from_checkpoint(ckpt, map_location="cpu").eval()
-    if "vocab_size" not in dense.hparams:
+    if "vocab_size" not in dense.hparams and "input_shape" not in dense.hparams:
         raise SystemExit(
-            f"bs-bench model: {cls.__name__} takes no token ids (no vocab_size hparam); only "
-            "language-model runs are benchmarked from a checkpoint"
+            f"bs-bench model: {cls.__name__} has neither a vocab_size nor an input_shape "
+            "hparam: no input to benchmark it on"
         )
     plan = SparsityPlan.from_checkpoint(ckpt)
     converted = convert_to_sparse(densify(dense), plan=plan).eval()
@@ -142,11 +144,26 @@ def _pairs(args) -> tuple[int, Iterator]:
     return (1 if own_sparsity else len(args.sparsities or DEFAULT_SPARSITIES)), _hf_pairs(args)
 
 
-def _vocab_size(model: nn.Module) -> int:
+def _inputs(model: nn.Module, batch: int, seq: int | None) -> torch.Tensor:
+    """Random input of one case: token ids `[batch, seq]` of a language model (HF config or
+    `vocab_size` hparam), else `[batch, *input_shape]` values of a classifier."""
+    generator = torch.Generator().manual_seed(0)
+    if seq is None:
+        return torch.randn(batch, *model.hparams.input_shape, generator=generator)
     config = getattr(model, "config", None)
     if config is not None and getattr(config, "vocab_size", None):
-        return config.vocab_size
-    return model.hparams.vocab_size
+        vocab = config.vocab_size
+    else:
+        vocab = model.hparams.vocab_size
+    return torch.randint(vocab, (batch, seq), generator=generator)
+
+
+def _seq_lens(model: nn.Module, args) -> list[int | None]:
+    """The sequence lengths to run: `--seq-lens`, or `[None]` for a classifier's images."""
+    hparams = getattr(model, "hparams", {})
+    if getattr(model, "config", None) is None and "input_shape" in hparams:
+        return [None]
+    return list(args.seq_lens)
 
 
 def _markdown(record: dict) -> str:
@@ -161,14 +178,15 @@ def _markdown(record: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in record["rows"]:
+        seq = "-" if r["seq_len"] is None else r["seq_len"]
         if "error" in r:
             lines.append(
-                f"| {r['mode']} | {r['sparsity']:.2f} | {r['batch']} | {r['seq_len']} | "
+                f"| {r['mode']} | {r['sparsity']:.2f} | {r['batch']} | {seq} | "
                 f"{r['layers_converted']} | failed: {r['error']} | | |"
             )
             continue
         lines.append(
-            f"| {r['mode']} | {r['sparsity']:.2f} | {r['batch']} | {r['seq_len']} | "
+            f"| {r['mode']} | {r['sparsity']:.2f} | {r['batch']} | {seq} | "
             f"{r['layers_converted']} | {r['dense_ms']:.3f} | {r['converted_ms']:.3f} | "
             f"{r['speedup']:.2f}x |"
         )
@@ -186,10 +204,10 @@ def _plot(record: dict, path: Path) -> None:
             series.setdefault((r["mode"], r["batch"], r["seq_len"]), []).append(
                 (r["sparsity"], r["speedup"])
             )
-    for (mode, batch, seq), points in sorted(series.items()):
+    for (mode, batch, seq), points in sorted(series.items(), key=lambda kv: str(kv[0])):
         points.sort()
         style = "o-" if mode == "eager" else "s--"
-        label = f"{mode}, batch {batch} x seq {seq}"
+        label = f"{mode}, batch {batch}" + ("" if seq is None else f" x seq {seq}")
         ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
     ax.axhline(1.0, color="grey", linewidth=0.5)
     ax.set_xlabel("sparsity")
@@ -226,21 +244,20 @@ def main(argv=None) -> int:
         "rows": [],
     }
     n_pairs, pairs = _pairs(args)
-    total = n_pairs * len(modes) * len(args.batches) * len(args.seq_lens)
-    started, done = time.perf_counter(), 0
+    started, done, total = time.perf_counter(), 0, None
     for sparsity, dense, converted, plan in pairs:
         done_layers, left = conversion_report(converted, plan) if plan else ([], [])
         layers = f"{len(done_layers)} of {len(done_layers) + len(left)}"
-        vocab = _vocab_size(dense)
+        seq_lens = _seq_lens(dense, args)
+        if total is None:  # every pair of one source takes the same inputs
+            total = n_pairs * len(modes) * len(args.batches) * len(seq_lens)
         for mode in modes:
             models = (dense, converted)
             if mode == "compiled":
                 models = tuple(torch.compile(m) for m in models)
             for batch in args.batches:
-                for seq in args.seq_lens:
-                    x = torch.randint(
-                        vocab, (batch, seq), generator=torch.Generator().manual_seed(0)
-                    )
+                for seq in seq_lens:
+                    x = _inputs(dense, batch, seq)
                     row = {
                         "mode": mode,
                         "sparsity": sparsity,
@@ -268,8 +285,9 @@ def main(argv=None) -> int:
                         if "speedup" in row
                         else row["error"]
                     )
+                    shape = f"batch {batch}" + ("" if seq is None else f" seq {seq}")
                     print(
-                        f"[{done}/{total}] {mode} sparsity {sparsity:.2f} batch {batch} seq {seq}:"
+                        f"[{done}/{total}] {mode} sparsity {sparsity:.2f} {shape}:"
                         f" {result}; ETA {eta:.0f} s",
                         flush=True,
                     )
