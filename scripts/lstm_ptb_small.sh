@@ -14,8 +14,9 @@
 #     per epoch, as the recipe's dense schedule continued would (model.lr_decay_start)
 #   SPARSITIES: targets of the three patterns' sweeps (default 0.6,0.8,0.9)
 #   BANKS: more balanced bank sizes, run at BANK_SPARSITY (default 0.8), e.g. BANKS=25,100
-#     (the recipe's bank is 50); docs/results/lstm_ptb_long.* came from PRUNE_EPOCHS=2
-#     SPARSITIES=0.8,0.9 BANKS=25,100 PARALLEL=1 NAME=lstm_ptb_long
+#     (the recipe's bank is 50); docs/results/lstm_ptb_long.* holds the balanced and
+#     unstructured runs of PRUNE_EPOCHS=2 SPARSITIES=0.8,0.9 BANKS=25,100 PARALLEL=1
+#     NAME=lstm_ptb_long (its other runs were stopped for time; see that file)
 #   PRETRAIN_DIR: folder of the dense pretraining run to start from (default OUT_pretrain)
 #   EXTRA: more Hydra overrides for the 10 runs; docs/results/lstm_ptb_small_all_layers.* (the
 #     decoder pruned too) came from EXTRA=pruning.exclude=null NAME=lstm_ptb_small_all_layers
