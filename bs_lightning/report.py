@@ -154,10 +154,10 @@ def summarize(runs: list[dict]) -> dict:
     converting: set[str] = set()  # labels of patterns that convert to sparse modules
     pruned = [r for r in runs if not isinstance(r["sparsity"], dict) and not _is_dense(r)]
     # per-layer targets have no place in a one-number-per-row table
-    labels = _column_labels([_pattern(r) for r in pruned])
-    for run, label in zip(pruned, labels, strict=True):
+    patterns = [_pattern(r) for r in pruned]
+    for run, pattern, label in zip(pruned, patterns, _column_labels(patterns), strict=True):
         cells[(label, float(run["sparsity"]))].append(run)
-        if _pattern(run).converts:
+        if pattern.converts:
             converting.add(label)
     dense_runs = [r for r in runs if _is_dense(r)]
     dense_values = [r["pruned"] for r in dense_runs] or [

@@ -50,8 +50,9 @@ step() {
 }
 
 # Test files for this run, kernel tests first: the CUDA kernel tests, then the CUDA graph
-# test and the dispatch tests, then the op and nn tests; minus the CPU-build tests (test_ops_build, test_ops_isa:
-# they compile other CPU libraries) and any file that would import hydra or datasets.
+# test and the dispatch tests, then the op and nn tests; minus the CPU-build tests
+# (test_ops_build, test_ops_isa: they compile other CPU libraries) and any file that would
+# import hydra or datasets.
 TESTS=()
 for f in tests/test_cuda_kernels.py tests/test_cuda_lstm_cell.py tests/test_cuda_contenders.py \
   tests/test_cuda_*.py tests/test_dispatch.py tests/test_ops*.py tests/test_nn_*.py tests/test_format.py; do

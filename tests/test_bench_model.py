@@ -2,8 +2,11 @@
 
 import json
 
+import lightning
 import pytest
+import torch
 from helpers.hf_fakes import write_tiny_bert
+from lightning.pytorch import LightningModule
 from omegaconf import OmegaConf
 from recipe_overrides import tiny
 
@@ -88,6 +91,37 @@ def test_bs_train_cnn_run_takes_images(tmp_path, capsys):
     assert done == of != "0"  # every pruned convolution and linear layer converted
     assert "[2/2] eager sparsity" in capsys.readouterr().out
     assert "| 4 | - |" in (out / "results.md").read_text()
+
+
+class NoInputModel(LightningModule):
+    """A run's model with neither `vocab_size` nor `input_shape`: nothing to feed it."""
+
+    def __init__(self, width: int = 4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = torch.nn.Linear(width, width)
+
+
+def test_run_without_an_input_says_so(tmp_path):
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    OmegaConf.save(
+        {"model": {"_target_": "test_bench_model.NoInputModel"}}, run / ".hydra" / "config.yaml"
+    )
+    model = NoInputModel()
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        run / "checkpoints" / "last.ckpt",
+    )
+    with pytest.raises(
+        SystemExit, match="NoInputModel has neither a vocab_size nor an input_shape"
+    ):
+        main([str(run), *FAST])
 
 
 def test_not_a_model_says_so_in_one_line(tmp_path):
