@@ -81,16 +81,26 @@ def test_the_faster_kernel_is_chosen_once_per_size_class(monkeypatch, slow):
     assert len(sparse._dispatch) == 2
 
 
-def test_few_rows_and_the_switch_use_the_rule(monkeypatch):
+def test_one_row_is_measured_too(monkeypatch):
+    # on CPUs with slow cross-lane permutes a small matrix is faster dense even at batch 1
+    sparse = _layer(sparsity=0.9)  # the rule would always take the tiles
+    clock = FakeClock(monkeypatch, "tiles")
+    x = torch.randn(1, 96)
+    torch.testing.assert_close(sparse(x), F.linear(x, sparse.to_dense().weight, sparse.bias))
+    assert sparse._dispatch == {(("", None), 1): True}
+    assert clock.calls["tiles"] >= 3 and clock.calls["dense"] >= 3
+
+
+def test_the_switch_uses_the_rule(monkeypatch):
     sparse = _layer(sparsity=0.5)
     clock = FakeClock(monkeypatch, "tiles")
-    sparse(torch.randn(base.MEASURE_MIN_ROWS - 1, 96))
-    assert clock.calls["dense"] == 0  # below the measured range: the tile kernel, untimed
     sparse.measured_dispatch = False
+    sparse(torch.randn(1, 96))
+    assert clock.calls == {"tiles": 1, "dense": 0}  # the rule, untimed
     rows = ops.dense_crossover(sparse.k, 32)
     sparse(torch.randn(rows, 96))
     assert sparse._dispatch[(("", None), rows.bit_length())] is True  # the rule
-    assert clock.calls["tiles"] == 1  # only the first call, no measurement
+    assert clock.calls == {"tiles": 1, "dense": 1}  # no measurement
 
 
 def test_compiled_code_follows_the_measured_choice(monkeypatch):

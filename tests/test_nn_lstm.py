@@ -8,7 +8,7 @@ from helpers.op_calls import OpCalls
 from torch import nn
 
 from bs_lightning import ops
-from bs_lightning.nn import BalancedSparseLSTM
+from bs_lightning.nn import BalancedSparseLSTM, base
 from bs_lightning.nn import lstm as lstm_module
 from bs_lightning.nn.lstm import lstm_weight_names
 from bs_lightning.sparsity import balanced_mask
@@ -165,6 +165,80 @@ def test_fused_step_loop_left_for_autograd_and_large_batches(fused_step_here):
     with torch.no_grad(), OpCalls(CELL) as calls:
         sparse.double()(torch.randn(2, 1, 16, dtype=torch.float64))
     assert calls.count == 0  # no float64 kernel
+
+
+class _FakeLayerClock:
+    """`time.perf_counter` as the measured dispatch sees it: a call of the `slow` path (the
+    sparse or the dense recurrence) advances it 10 units, the other 1."""
+
+    def __init__(self, monkeypatch, slow: str):
+        self.now, self.calls = 0.0, {"sparse": 0, "dense": 0}
+        monkeypatch.setattr(base.time, "perf_counter", lambda: self.now)
+        for path in self.calls:
+            method = f"_{path}_direction"
+            real = getattr(BalancedSparseLSTM, method)
+
+            def call(module, *args, path=path, real=real):
+                self.calls[path] += 1
+                self.now += 10.0 if path == slow else 1.0
+                return real(module, *args)
+
+            monkeypatch.setattr(BalancedSparseLSTM, method, call)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_measured_dense_recurrence_runs_where_faster(monkeypatch, bias):
+    lstm = _pruned_lstm(
+        8, 0.75, input_size=16, hidden_size=24, num_layers=2, bidirectional=True, bias=bias
+    )
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8).eval().requires_grad_(False)
+    sparse.measured_dispatch = True  # tests pin the rule (conftest)
+    clock = _FakeLayerClock(monkeypatch, slow="sparse")
+    x, h0 = torch.randn(5, 3, 16), torch.randn(4, 3, 24)
+    c0 = torch.randn_like(h0)
+    with torch.inference_mode():
+        _assert_same(sparse(x, (h0, c0)), lstm(x, (h0, c0)))
+        choices = {key: v for key, v in sparse._dispatch.items() if key[0][2:] == ("lstm",)}
+        # one choice per layer and direction, for the size class of 5 steps x 3 sequences
+        assert len(choices) == 4 and all(choices.values())
+        assert {size for _, size in choices} == {((5).bit_length(), (3).bit_length())}
+        assert all(getattr(sparse, w + "_dense_weight").numel() for w in lstm_weight_names(2, True))
+        measured = dict(clock.calls)
+        _assert_same(sparse(x + 1), lstm(x + 1))  # the same size class: the cached choice
+        assert clock.calls == {"sparse": measured["sparse"], "dense": measured["dense"] + 4}
+        sparse(torch.randn(9, 3, 16))  # another size class measures again
+        assert len([key for key in sparse._dispatch if key[0][2:] == ("lstm",)]) == 8
+
+
+def test_measured_sparse_recurrence_drops_the_dense_copies(monkeypatch):
+    lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=24, num_layers=2)
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8).eval().requires_grad_(False)
+    sparse.measured_dispatch = True
+    clock = _FakeLayerClock(monkeypatch, slow="dense")
+    x = torch.randn(5, 1, 16)
+    with torch.inference_mode():
+        _assert_same(sparse(x), lstm(x))
+        assert clock.calls["dense"] == 2 * (base.MEASURE_REPEATS + 1)  # measured only
+        assert not any(
+            getattr(sparse, w + "_dense_weight").numel() for w in lstm_weight_names(2, False)
+        )
+        sparse(x)
+    assert clock.calls["dense"] == 2 * (base.MEASURE_REPEATS + 1)
+
+
+def test_recurrence_choice_left_alone_for_autograd_and_the_rule(monkeypatch):
+    lstm = _pruned_lstm(8, 0.75, input_size=16, hidden_size=16)
+    sparse = BalancedSparseLSTM.from_dense(lstm, 8)
+    sparse.measured_dispatch = True
+    clock = _FakeLayerClock(monkeypatch, slow="sparse")
+    out, _ = sparse(torch.randn(4, 2, 16))  # the values are trainable: autograd records
+    out.sum().backward()
+    assert clock.calls["dense"] == 0
+    sparse.measured_dispatch = False
+    with torch.no_grad():
+        sparse(torch.randn(4, 2, 16))
+    assert clock.calls["dense"] == 0
+    assert not [key for key in sparse._dispatch if key[0][2:] == ("lstm",)]
 
 
 def test_fused_layer_errors_name_the_argument():

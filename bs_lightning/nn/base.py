@@ -12,7 +12,9 @@ Products go through `_product`, which picks the kernel: on a CPU with the tile k
 (AVX-512 or AVX2) it multiplies with a copy of the matrix in the tile layout
 (`ops.pack_tiles`), and where the unpacked dense matrix is faster (low sparsity, many input
 rows) with that, so a layer is never slower than its dense original: the choice is measured
-on the first input of each size class of each matrix and cached (`measured_dispatch`). Both
+on the first input of each size class of each matrix and cached (`measured_dispatch`), from
+one input row on: on a CPU with slow cross-lane permutes (AVX2 on Zen 1) a small matrix with
+large banks is faster dense even at batch 1. Both
 copies are derived caches: built on first use, rebuilt when the buffers change (in-place
 edits, `load_state_dict`), dropped on `.to()`, never saved.
 
@@ -49,7 +51,6 @@ from bs_lightning.sparsity.patterns import BalancedPattern
 __all__ = ["BalancedSparseModule", "prune_and_pack"]
 
 LAYOUT_FIELDS = ("out_features", "in_features", "bank_size", "k")
-MEASURE_MIN_ROWS = 16  # fewer input rows: the tile kernel, by the rule (it wins by far there)
 MEASURE_REPEATS = 3  # timed calls of each kernel per measured dispatch decision
 
 
@@ -170,9 +171,9 @@ class BalancedSparseModule(nn.Module):
             False keeps the memory of the compact format and always runs the kernels (which
             unpack per call from their crossover on: slower than dense there).
         measured_dispatch: when True (default), which of the two is faster is measured on
-            the first input of each size class (power-of-two rows, from `MEASURE_MIN_ROWS`
-            on) of each matrix, on that input, and cached (on CUDA with events, never
-            inside a CUDA-graph capture); False uses the rules `ops.dense_crossover(k,
+            the first input of each size class (power-of-two rows) of each matrix, on that
+            input, and cached (on CUDA with events, never inside a CUDA-graph capture);
+            False uses the rules `ops.dense_crossover(k,
             bank_size)` and `ops.cuda_dense_crossover(k, bank_size, elem_bytes)`.
     """
 
@@ -298,8 +299,8 @@ class BalancedSparseModule(nn.Module):
 
     def _dense_wins(self, key: tuple, x, bias, values, indices, tiles) -> bool:
         """Whether `F.linear` on the dense copy runs inputs like `x` faster than the tile
-        kernel: measured once per matrix and size class of `x` (`measured_dispatch`), from
-        `MEASURE_MIN_ROWS` input rows on; else, and below, the rule `ops.dense_crossover`.
+        kernel: measured once per matrix and size class of `x` (`measured_dispatch`), else
+        the rule `ops.dense_crossover`.
         The decision is cached per `(matrix, size class)`; it depends on shapes only."""
         prefix, _ = key
         _, in_features, bank_size, k = self._layouts[prefix]
@@ -307,7 +308,7 @@ class BalancedSparseModule(nn.Module):
         choice_key = (key, batch.bit_length())
         choice = self._dispatch.get(choice_key)
         if choice is None:
-            if self.measured_dispatch and batch >= MEASURE_MIN_ROWS:
+            if self.measured_dispatch:
                 sparse = partial(
                     torch.ops.bs_lightning.balanced_linear_tiled,
                     x,
@@ -325,13 +326,13 @@ class BalancedSparseModule(nn.Module):
 
     def _cuda_dense_wins(self, key: tuple, x, bias, values, indices) -> bool:
         """Whether a CUDA product of `x` runs on the cached dense copy: measured once per
-        matrix and size class of `x` from `MEASURE_MIN_ROWS` rows on (`measured_dispatch`,
-        outside CUDA-graph capture, which cannot synchronize to time), else the rule
+        matrix and size class of `x` (`measured_dispatch`, outside CUDA-graph capture,
+        which cannot synchronize to time), else the rule
         `ops.cuda_dense_crossover`: the rows from which the CUDA op would unpack the matrix
         on every call. A capture without a cached choice uses the rule without caching it."""
         _, in_features, bank_size, k = self._layouts[key[0]]
         batch = x.numel() // in_features
-        measured = self.measured_dispatch and batch >= MEASURE_MIN_ROWS
+        measured = self.measured_dispatch
         choice_key = ((*key, "cuda"), batch.bit_length() if measured else batch)
         choice = self._dispatch.get(choice_key)
         if choice is not None:
@@ -357,14 +358,24 @@ class BalancedSparseModule(nn.Module):
         calls = {"sparse": sparse, "dense": lambda: F.linear(x, weight, bias)}
         best = _best_times(calls, x.device, MEASURE_REPEATS)
         dense_wins = best["dense"] < best["sparse"]
-        if not dense_wins and rows is None and not self._dispatch_uses_dense(prefix):
-            self._buffers[prefix + "dense_weight"] = weight.new_empty(0)
-            self._kernel_cache.pop((prefix, None, "dense"), None)
+        if not dense_wins and rows is None:
+            self._drop_unused_dense(prefix)
         return dense_wins
 
+    def _drop_unused_dense(self, prefix: str) -> None:
+        """Frees the dense copy of matrix `prefix` unless a cached choice runs it."""
+        if not self._dispatch_uses_dense(prefix):
+            self._buffers[prefix + "dense_weight"] = self._buffers[
+                prefix + "dense_weight"
+            ].new_empty(0)
+            self._kernel_cache.pop((prefix, None, "dense"), None)
+
     def _dispatch_uses_dense(self, prefix: str) -> bool:
-        """Whether some size class of whole-matrix inputs of `prefix` chose the dense copy."""
-        return any(dense and key == (prefix, None) for (key, _), dense in self._dispatch.items())
+        """Whether some size class of whole-matrix inputs of `prefix` chose the dense copy
+        (keys `(prefix, None, *tag)`: the CPU, CUDA (`"cuda"`) and module-level choices)."""
+        return any(
+            dense and key[:2] == (prefix, None) for (key, _), dense in self._dispatch.items()
+        )
 
     def _trainable_product(
         self, prefix: str, x: torch.Tensor, bias: torch.Tensor | None, rows: slice | None

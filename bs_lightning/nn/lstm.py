@@ -3,7 +3,9 @@
 Per layer and direction: the input projection of the whole sequence is one balanced product
 (`[T * B, in] -> [T * B, 4H]`, with the folded bias `b_ih + b_hh`), then the recurrence:
 
-- CPU, fp32, tile kernel: the whole recurrence in one compiled call (`balanced_lstm_layer`).
+- CPU, fp32, tile kernel: the whole recurrence in one compiled call (`balanced_lstm_layer`),
+  unless PyTorch's dense LSTM on the dense copies was measured faster for inputs of this
+  size (`measured_dispatch`; small matrices with large banks on CPUs with slow permutes).
 - CUDA kernels loaded, eager inference, fp32/fp16/bf16, batch below the CUDA dense
   crossover: each time step is one fused `balanced_lstm_cell` (recurrent product, gates and
   state update in one kernel launch).
@@ -26,7 +28,12 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from bs_lightning import ops
-from bs_lightning.nn.base import BalancedSparseModule, prune_and_pack
+from bs_lightning.nn.base import (
+    MEASURE_REPEATS,
+    BalancedSparseModule,
+    _best_times,
+    prune_and_pack,
+)
 
 __all__ = ["BalancedSparseLSTM", "lstm_weight_names"]
 
@@ -155,6 +162,12 @@ class BalancedSparseLSTM(BalancedSparseModule):
             `(out [T, B, H], h_T [B, H], c_T [B, H])`.
         """
         bias = getattr(self, "bias" + suffix) if self.has_bias else None
+        if self._dense_layer_wins(suffix, x, h, c, bias):
+            return self._dense_direction(suffix, x, h, c, bias)
+        return self._sparse_direction(suffix, x, h, c, bias)
+
+    def _sparse_direction(self, suffix: str, x, h, c, bias):
+        """`_direction` on the compact matrices."""
         gates_x = self._product("weight_ih" + suffix + "_", x, bias)  # [T, B, 4H], one call
         reverse = suffix.endswith("_reverse")
         hh = "weight_hh" + suffix + "_"
@@ -177,6 +190,61 @@ class BalancedSparseLSTM(BalancedSparseModule):
             h = torch.sigmoid(o) * torch.tanh(c)
             outs[t] = h
         return torch.stack(outs), h, c
+
+    def _dense_direction(self, suffix: str, x, h, c, bias):
+        """`_direction` by PyTorch's own LSTM (oneDNN on the CPU) on the cached dense copies
+        of `W_ih` and `W_hh`; the reverse direction runs on the time-flipped sequence."""
+        weights = [self._dense_buffer("weight_ih" + suffix + "_")]
+        weights.append(self._dense_buffer("weight_hh" + suffix + "_"))
+        if bias is not None:
+            weights += [bias, torch.zeros_like(bias)]  # the folded bias is b_ih + b_hh
+        reverse = suffix.endswith("_reverse")
+        seq = x.flip(0) if reverse else x
+        out, h_n, c_n = torch.lstm(
+            seq, (h[None], c[None]), weights, bias is not None, 1, 0.0, False, False, False
+        )
+        return (out.flip(0) if reverse else out), h_n[0], c_n[0]
+
+    def _dense_layer_wins(self, suffix: str, x, h, c, bias) -> bool:
+        """Whether PyTorch's dense LSTM runs this layer and direction faster than the sparse
+        path (`balanced_lstm_layer`, or the step loop where the tile kernel does not run),
+        for inputs of the size class of `x [T, B, in]` (power-of-two `T` and `B`): timed
+        once on the input itself (`measured_dispatch`, both ways in turns) and cached.
+        Only eager CPU inference with `dense_fallback` is measured; elsewhere, and by the
+        rule, the sparse path runs. The dense copies are dropped again when it wins.
+        """
+        hh = "weight_hh" + suffix + "_"
+        ih_values = self._parameters["weight_ih" + suffix + "_values"]
+        values = self._parameters[hh + "values"]
+        if not (self.dense_fallback and self.measured_dispatch and h.is_cpu):
+            return False
+        if torch.compiler.is_compiling() or not x.dtype == h.dtype == values.dtype:
+            return False  # compiled code keeps the eager kernels; mixed dtypes raise there
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h, c, bias, values, ih_values)
+        ):
+            return False
+        steps, batch = x.shape[0], x.shape[1]
+        choice_key = ((hh, None, "lstm"), (steps.bit_length(), batch.bit_length()))
+        choice = self._dispatch.get(choice_key)
+        if choice is None:
+            calls = {
+                "sparse": lambda: self._sparse_direction(suffix, x, h, c, bias),
+                "dense": lambda: self._dense_direction(suffix, x, h, c, bias),
+            }
+            best = _best_times(calls, x.device, MEASURE_REPEATS)
+            choice = self._dispatch[choice_key] = best["dense"] < best["sparse"]
+            if not choice:
+                for prefix in ("weight_ih" + suffix + "_", hh):
+                    self._drop_unused_dense(prefix)
+        return choice
+
+    def _dispatch_uses_dense(self, prefix: str) -> bool:
+        # the dense recurrence of a layer and direction reads the dense copy of `W_ih` too
+        hh = prefix.replace("weight_ih", "weight_hh")
+        return super()._dispatch_uses_dense(prefix) or any(
+            dense and key == (hh, None, "lstm") for (key, _), dense in self._dispatch.items()
+        )
 
     def _fused_cell(self, prefix: str, gates_x, h: torch.Tensor, c: torch.Tensor):
         """`(values, indices, bank_size)` of recurrent matrix `prefix` when the fused CUDA
