@@ -16,7 +16,7 @@
 #   BANKS: more balanced bank sizes, run at BANK_SPARSITY (default 0.8), e.g. BANKS=25,100
 #     (the recipe's bank is 50); docs/results/lstm_ptb_long.* holds the balanced and
 #     unstructured runs of PRUNE_EPOCHS=2 SPARSITIES=0.8,0.9 BANKS=25,100 PARALLEL=1
-#     NAME=lstm_ptb_long (its other runs were stopped for time; see that file)
+#     NAME=lstm_ptb_long (made in two parts; lstm_ptb_long_more.* holds the second)
 #   PRETRAIN_DIR: folder of the dense pretraining run to start from (default OUT_pretrain)
 #   EXTRA: more Hydra overrides for the 10 runs; docs/results/lstm_ptb_small_all_layers.* (the
 #     decoder pruned too) came from EXTRA=pruning.exclude=null NAME=lstm_ptb_small_all_layers
