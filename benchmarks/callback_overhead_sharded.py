@@ -1,7 +1,9 @@
-"""Per-step overhead of BalancedPruningCallback under FSDP2 against DDP (2 CPU processes, gloo).
+"""Per-step overhead of BalancedPruningCallback under FSDP2 and FSDP1 against DDP (2 CPU
+processes, gloo).
 
 The same MLP (`--layers` x Linear(`--width`), batch `--batch` per rank, AdamW) trains with
-`ModelParallelStrategy` + `fully_shard` (FSDP2) and with DDP, each with and without the
+`ModelParallelStrategy` + `fully_shard` (FSDP2), with `FSDPStrategy` (FSDP1, one unit per
+Linear, `use_orig_params=True`) and with DDP, each with and without the
 callback (balanced 90%, bank 32, cubic, a mask update every `--frequency` steps). Each
 strategy runs in its own pair of processes (`--worker`): arms alternate in blocks (A B B A),
 each block a fresh `Trainer` and model; rank 0 times every step (`StepTimer` of
@@ -26,16 +28,31 @@ from pathlib import Path
 import torch
 from callback_overhead import StepTimer
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 from torch.utils.data import DataLoader, TensorDataset
 
 from bs_lightning import BalancedPruningCallback
 from bs_lightning.bench.device import machine_description
 from bs_lightning.bench.results import write_result
 
-STRATEGIES = ("ddp", "fsdp2")
+STRATEGIES = ("ddp", "fsdp2", "fsdp1")
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """`FSDPStrategy` on the CPU, wrapped as on a GPU (the root and one unit per Linear):
+    Lightning refuses the exact class without a GPU and passes FSDP1 no device on the CPU."""
+
+    def _setup_model(self, model):
+        model = FullyShardedDataParallel(
+            model,
+            device_id=torch.device("cpu"),
+            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+            use_orig_params=True,
+        )
+        return super()._setup_model(model)
 
 
 class MLP(LightningModule):
@@ -81,11 +98,11 @@ def run_block(args, strategy: str, with_callback: bool) -> list[float]:
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy=(
-            ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-            if strategy == "fsdp2"
-            else "ddp"
-        ),
+        strategy={
+            "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            "fsdp1": CPUFSDPStrategy,
+            "ddp": lambda: "ddp",
+        }[strategy](),
         max_steps=args.steps,
         callbacks=callbacks,
         logger=False,
@@ -123,7 +140,7 @@ def main() -> None:
         return worker(args)
     date = dt.date.today().isoformat()
     record = {
-        "benchmark": "callback overhead, FSDP2 vs DDP",
+        "benchmark": "callback overhead, FSDP2 and FSDP1 vs DDP",
         "date": date,
         "machine": machine_description("cpu"),
         "torch": torch.__version__,
@@ -153,7 +170,7 @@ def main() -> None:
         )
         print(f"{strategy}: {without_ms:.2f} -> {with_ms:.2f} ms per step", flush=True)
     lines = [
-        f"# Callback overhead per step, FSDP2 vs DDP ({date})",
+        f"# Callback overhead per step, FSDP2 and FSDP1 vs DDP ({date})",
         "",
         f"{record['machine']}, torch {record['torch']}, 2 CPU processes (gloo). MLP "
         f"{args.layers} x Linear({args.width}), batch {args.batch} per rank, AdamW; balanced "

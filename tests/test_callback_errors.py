@@ -138,14 +138,19 @@ def test_end_step_after_training_warns(tiny_zoo):
         )
 
 
-def test_fsdp_raises_at_setup(tiny_zoo):
+def test_fsdp_without_orig_params_raises_at_setup(tiny_zoo):
     # Lightning's FSDP needs a GPU, so the check is driven directly with an FSDP strategy
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    # (tests/test_callback_fsdp1.py fits under FSDP1 on two CPU processes)
+    trainer = SimpleNamespace(strategy=FSDPStrategy(use_orig_params=False))
+    pruner = BalancedPruningCallback(bank_size=8)
     with pytest.raises(
         RuntimeError,
-        match=r"BalancedPruningCallback does not support FSDPStrategy.*Use a single device, 'ddp' or 'ddp_spawn'",
+        match=r"does not support FSDPStrategy with use_orig_params=False.*Pass use_orig_params=True",
     ):
-        BalancedPruningCallback(bank_size=8).setup(trainer, tiny_zoo, "fit")
+        pruner.setup(trainer, tiny_zoo, "fit")
+    assert not pruner.layers
+    pruner.setup(SimpleNamespace(strategy=FSDPStrategy()), tiny_zoo, "fit")  # the default: True
+    assert len(pruner.layers) == 15
 
 
 def test_ddp_strategy_passes_setup(tiny_zoo):

@@ -2,59 +2,47 @@
 prunes its own rows: the gathered weights hold exact balanced banks, the logged sparsity is
 global, and patterns that rank a whole matrix are refused before any weight changes."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
+from helpers.sharded_fit import check_exact_balanced_fit, check_resume, launch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from bs_lightning.callbacks.sharding import check_shardable
 from bs_lightning.sparsity import BalancedPattern, UnstructuredPattern, find_prunable
 
-SCRIPT = Path(__file__).parent / "helpers" / "fsdp2_fit.py"
 
-
-def _fit(tmp_path, *args) -> subprocess.CompletedProcess:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-
-
-def test_fsdp2_fit_reaches_exact_balanced_banks(tmp_path):
-    done = _fit(tmp_path)
+@pytest.fixture(scope="module")
+def resumed_fit(tmp_path_factory):
+    """One launch: a fit, and the same fit stopped at step 4 and resumed from Lightning's
+    distributed checkpoint."""
+    out = tmp_path_factory.mktemp("fsdp2")
+    done = launch(out, "fsdp2", "resume")
     assert done.returncode == 0, done.stderr[-2000:]
-    result = torch.load(tmp_path / "result.pt", weights_only=False)
-    assert result["keeps"] == {"fc1.weight": 2, "proj.weight": 2, "head.weight": 2}
-    assert result["report"]["sparsity/overall"] == pytest.approx(0.75)
-    for name in ("fc1.weight", "proj.weight", "head.weight"):
-        weight = result["state"][name]
-        if name == "proj.weight":
-            weight = weight.t()  # Conv1D [in, out]: its input columns were sharded 24 + 24
-        per_bank = (weight != 0).reshape(weight.shape[0], -1, 8).sum(-1)
-        assert (per_bank == 2).all(), name  # every bank of every rank's part: 2 of 8
-    planned = {e["module"]: e["keep"] for e in result["plan"]["params"]}
-    assert planned == {"fc1": 2, "proj": 2, "head": 2}
-    # the full state dict loads into the plain model, which converts with the plan
-    converted = result["converted"]
-    assert converted["types"] == {
-        "fc1": "BalancedSparseLinear",
-        "proj": "BalancedSparseConv1D",
-        "head": "BalancedSparseLinear",
-    }
-    assert converted["max_diff"] < 1e-5
+    assert (out / "step4.ckpt").is_dir()  # Lightning's sharded checkpoint is a folder
+    return torch.load(out / "result.pt", weights_only=False)
+
+
+def test_fsdp2_fit_reaches_exact_balanced_banks(resumed_fit):
+    # the Conv1D's banked input dimension is sharded 24 + 24: whole banks of 8
+    check_exact_balanced_fit(resumed_fit["straight"])
+
+
+def test_fsdp2_resume_from_the_distributed_checkpoint_equals_an_uninterrupted_fit(resumed_fit):
+    check_resume(resumed_fit)
+
+
+@pytest.mark.slow  # the default suite's sharded tests stay near a minute
+def test_fsdp2_resume_from_a_full_checkpoint_equals_an_uninterrupted_fit(tmp_path):
+    done = launch(tmp_path, "fsdp2", "resume-full")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "step4.ckpt").is_file()
+    check_resume(torch.load(tmp_path / "result.pt", weights_only=False))
 
 
 def test_fsdp2_refuses_a_pattern_that_ranks_the_whole_matrix(tmp_path):
-    done = _fit(tmp_path, "unstructured")
+    done = launch(tmp_path, "fsdp2", "unstructured")
     assert done.returncode != 0
     assert "pattern 'unstructured' ranks weights across a whole matrix" in done.stderr
     assert not (tmp_path / "result.pt").exists()
@@ -62,7 +50,7 @@ def test_fsdp2_refuses_a_pattern_that_ranks_the_whole_matrix(tmp_path):
 
 def test_fsdp2_refuses_shards_that_split_banks(tmp_path):
     # banks of 16 across the Conv1D's 24 + 24 sharded input columns
-    done = _fit(tmp_path, "balanced", "16")
+    done = launch(tmp_path, "fsdp2", "balanced", "16")
     assert done.returncode != 0
     assert "splits the columns of 'proj.weight' (48 along dim 0 in 2 shards)" in done.stderr
     assert not (tmp_path / "result.pt").exists()
@@ -87,20 +75,3 @@ def test_shard_checks_name_the_parameter_and_the_pattern(one_process_group):
     check_shardable(conv1d, BalancedPattern(8), "ModelParallelStrategy")  # one shard: no split
     with pytest.raises(ValueError, match="pattern 'unstructured' ranks weights across a whole"):
         check_shardable(linear, UnstructuredPattern(), "ModelParallelStrategy")
-
-
-@pytest.mark.parametrize(
-    "kind", ["resume", pytest.param("resume-full", marks=pytest.mark.slow)]
-)  # the default suite's FSDP2 tests stay near a minute
-def test_fsdp2_resume_equals_an_uninterrupted_fit(tmp_path, kind):
-    done = _fit(tmp_path, kind)
-    assert done.returncode == 0, done.stderr[-2000:]
-    # Lightning's sharded checkpoint is a folder, the full one a file
-    assert (tmp_path / "step4.ckpt").is_dir() == (kind == "resume")
-    result = torch.load(tmp_path / "result.pt", weights_only=False)
-    straight, resumed = result["straight"], result["resumed"]
-    assert resumed["keeps"] == straight["keeps"]
-    assert resumed["last_pruned_step"] == straight["last_pruned_step"] == 4
-    for name, weight in straight["state"].items():
-        # masks rebuilt from each rank's zeros, then the same step-4 update: same weights
-        torch.testing.assert_close(resumed["state"][name], weight, rtol=0, atol=0)

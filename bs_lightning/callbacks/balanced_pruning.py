@@ -5,7 +5,9 @@ Only orchestration lives here; the math is in `bs_lightning.sparsity`. Per optim
 1. `on_train_batch_start` at `trainer.global_step = t`: if `t` is a pruning step and some
    layer's keep-count goes down, new masks are computed on the weights' matrix views (only
    ever shrinking), multiplied into the weights in place and into the optimizer state
-   (Adam moments, SGD momentum), broadcast from rank 0 under DDP, and logged.
+   (Adam moments, SGD momentum), broadcast from rank 0 under DDP, and logged. Under FSDP2
+   each rank computes the masks of its own rows (`callbacks/sharding.py`); under FSDP1 each
+   unit is gathered in turn and each rank keeps its piece (`callbacks/flat_sharding.py`).
 2. `on_before_optimizer_step` (after backward and AMP unscaling): pruned gradients are zeroed.
 3. A step post-hook on every optimizer re-applies the masks right after `optimizer.step()`.
 
@@ -15,7 +17,9 @@ into the plain model and cuDNN's flattened RNN weights stay valid.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any
@@ -27,6 +31,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from bs_lightning.callbacks.flat_sharding import (
+    FlatShard,
+    flat_shards,
+    full_params,
+    init_roots,
+    local_piece,
+    orig_params_error,
+)
 from bs_lightning.callbacks.sharding import (
     check_shardable,
     global_counts,
@@ -54,8 +66,9 @@ from bs_lightning.validation import glob_list
 __all__ = ["BalancedPruningCallback"]
 
 # strategies that flatten parameters, so per-parameter masks cannot be applied (FSDP2 under
-# ModelParallelStrategy keeps them: see callbacks/sharding.py)
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy")
+# ModelParallelStrategy keeps them, FSDP1 with use_orig_params=True keeps views of them: see
+# callbacks/sharding.py and callbacks/flat_sharding.py)
+_UNSUPPORTED_STRATEGIES = ("DeepSpeedStrategy",)
 _DEFAULT_SPARSITY = 0.9
 # 2: the pattern is stored with its options (`Pattern.to_dict`), and the sparsity plan
 _STATE_VERSION = 2
@@ -66,11 +79,12 @@ class _Layer:
     """Pruning state of one parameter."""
 
     entry: PrunableParam
+    shape: tuple[int, ...]  # the whole parameter's (FSDP1 leaves each rank a 1-D piece)
     final: float  # target sparsity
     units: int  # keep-count with nothing pruned
     keep_final: int  # keep-count at the target
     keep: int  # current keep-count (never goes up)
-    mask: Tensor | None = None  # bool, parameter's shape, True = kept; None = dense
+    mask: Tensor | None = None  # bool, the local parameter's shape, True = kept; None = dense
     mask_mul: Tensor | None = None  # mask in the parameter's dtype for the per-step multiply
     effective: float = 0.0  # fraction of zeros the mask imposes
 
@@ -135,8 +149,8 @@ class BalancedPruningCallback(Callback):
             an N:M group not dividing a row (all before any weight changes).
         TypeError: at setup when a calibrated method meets a layer whose inputs it cannot
             measure (e.g. an LSTM), naming it.
-        RuntimeError: at setup under FSDP or DeepSpeed, and a calibrated method under FSDP2
-            (it needs whole weight matrices).
+        RuntimeError: at setup under DeepSpeed or FSDP1 without `use_orig_params=True`, and
+            a calibrated method under FSDP2 or FSDP1 (it needs whole weight matrices).
     """
 
     DEFAULT_END_FRACTION = 0.75
@@ -215,7 +229,8 @@ class BalancedPruningCallback(Callback):
         self._resolved_end: int | None = None
         self._loaded: dict[str, Any] | None = None
         self._hooks: list[Any] = []
-        self._sharded = False  # FSDP2 DTensor parameters: masks per rank (callbacks/sharding)
+        self._sharded = False  # masks differ per rank (FSDP2 DTensors, FSDP1 flat shards)
+        self._flat: dict[str, FlatShard] = {}  # FSDP1: layer name -> its piece of the shard
 
     # ---------------------------------------------------------------- validation
 
@@ -254,15 +269,21 @@ class BalancedPruningCallback(Callback):
 
     @staticmethod
     def _check_strategy(trainer: Trainer) -> None:
+        strategy = type(trainer.strategy).__name__
         names = {cls.__name__ for cls in type(trainer.strategy).__mro__}
         bad = names.intersection(_UNSUPPORTED_STRATEGIES)
         if bad:
             raise RuntimeError(
-                f"BalancedPruningCallback does not support {type(trainer.strategy).__name__}: "
+                f"BalancedPruningCallback does not support {strategy}: "
                 f"it flattens parameters, so per-parameter masks cannot be applied in place. "
-                f"Use a single device, 'ddp' or 'ddp_spawn', or shard with FSDP2: "
-                f"ModelParallelStrategy and fully_shard in configure_model."
+                f"Use a single device, 'ddp' or 'ddp_spawn', or shard with FSDP2 "
+                f"(ModelParallelStrategy and fully_shard in configure_model) or FSDPStrategy."
             )
+        if (
+            "FSDPStrategy" in names
+            and getattr(trainer.strategy, "kwargs", {}).get("use_orig_params", True) is False
+        ):
+            raise orig_params_error(strategy)
 
     # ---------------------------------------------------------------- hooks
 
@@ -290,24 +311,38 @@ class BalancedPruningCallback(Callback):
             units = self.pattern.units(matrix)
             keep_final = self.pattern.keep(matrix, final, entry.name)
             old = self.layers.get(entry.name)
-            if old is not None and old.entry.param.shape == entry.param.shape:
+            if old is not None and old.shape == tuple(entry.param.shape):
                 # a second fit with the same callback continues from the current masks
                 old.entry = entry
                 layers[entry.name] = old
             else:
-                layers[entry.name] = _Layer(entry, final, units, keep_final, units)
+                layers[entry.name] = _Layer(
+                    entry, tuple(entry.param.shape), final, units, keep_final, units
+                )
         if self.method != "magnitude":
             check_calibratable([layer.entry for layer in layers.values()], self.method)
         self.layers = layers
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Checks that sharded parameters (FSDP2 shards them after `setup`) can be pruned
-        shard by shard, before any weight changes."""
+        """Checks that sharded parameters (FSDP2 and FSDP1 shard them after `setup`) can be
+        pruned shard by shard, before any weight changes, and finds FSDP1's pieces."""
         strategy = type(trainer.strategy).__name__
         for layer in self.layers.values():
             check_shardable(layer.entry, self.pattern, strategy)
-        self._sharded = any(is_sharded(layer.entry.param) for layer in self.layers.values())
+        shards = flat_shards(
+            trainer.strategy.model, [layer.entry.param for layer in self.layers.values()], strategy
+        )
+        self._flat = {
+            name: shards[id(layer.entry.param)]
+            for name, layer in self.layers.items()
+            if id(layer.entry.param) in shards
+        }
+        if self._flat:
+            init_roots(trainer.strategy.model)
+        self._sharded = bool(self._flat) or any(
+            is_sharded(layer.entry.param) for layer in self.layers.values()
+        )
         if self._sharded and self.method != "magnitude":
             raise RuntimeError(
                 f"BalancedPruningCallback: method {self.method!r} needs whole weight matrices, "
@@ -405,7 +440,7 @@ class BalancedPruningCallback(Callback):
                 self.pattern,
                 layer.final,
                 layer.keep,
-                tuple(layer.entry.param.shape),
+                layer.shape,
             )
             for layer in self.layers.values()
         )
@@ -421,7 +456,7 @@ class BalancedPruningCallback(Callback):
             "last_pruned_step": self.last_pruned_step,
             "layers": {
                 name: {
-                    "shape": tuple(layer.entry.param.shape),
+                    "shape": layer.shape,
                     "keep": layer.keep,
                     # a sharded run's masks differ per rank: rebuilt from the zeros on resume
                     "mask": None
@@ -462,10 +497,10 @@ class BalancedPruningCallback(Callback):
             )
         for name, layer in self.layers.items():
             item = saved[name]
-            if tuple(item["shape"]) != tuple(layer.entry.param.shape):
+            if tuple(item["shape"]) != layer.shape:
                 raise ValueError(
                     f"checkpoint mask for {name!r} has shape {tuple(item['shape'])}, the "
-                    f"parameter has {tuple(layer.entry.param.shape)}"
+                    f"parameter has {layer.shape}"
                 )
             if item["keep"] < layer.keep_final:
                 raise ValueError(
@@ -523,41 +558,72 @@ class BalancedPruningCallback(Callback):
     def _prune(self, step: int, trainer: Trainer) -> bool:
         """Lowers keep-counts to the schedule at `step`; True when any mask changed."""
         changed = False
-        for layer in self.layers.values():
-            s_t = sparsity_at(
-                self.schedule,
-                step,
-                self.start_step,
-                self._resolved_end,
-                layer.final,
-                self.initial_sparsity,
-            )
-            param = local(layer.entry.param)
-            matrix = as_matrix(layer.entry.module, param)
-            if not bool(torch.isfinite(matrix).all()):
-                raise ValueError(
-                    f"BalancedPruningCallback: {layer.entry.name!r} has NaN or inf weights at "
-                    f"step {step}; masks ranked on them would be arbitrary (lower the learning "
-                    f"rate or clip gradients)"
-                )
-            shape = matrix_shape(layer.entry)  # the whole matrix's: same keep on every rank
-            keep = layer.units if s_t == 0.0 else self.pattern.keep(shape, s_t, layer.entry.name)
-            keep = max(layer.keep_final, min(layer.keep, keep))
-            if keep == layer.keep:
-                continue
-            prev = None if layer.mask is None else as_matrix(layer.entry.module, layer.mask)
-            entry = layer.entry
-            mask = self.pattern.mask(matrix, keep, prev)
-            new = matrix_to_param(entry.module, entry.param_name, mask, param.shape)
-            layer.keep = keep
-            # replicated weights: rank 0's mask everywhere; sharded: each rank its own part
-            self._install_mask(layer, new if self._sharded else self._broadcast(new))
-            changed = True
+        for unit, layers in self._pruning_groups():
+            with nullcontext() if unit is None else full_params(unit):
+                for layer in layers:
+                    changed |= self._prune_layer(layer, step)
         if changed:
             self._update_effective()
             self._apply_masks(self.layers.values(), grads=False)
             self._zero_optimizer_state(trainer)
         return changed
+
+    def _pruning_groups(self) -> list[tuple[Any, list[_Layer]]]:
+        """`(None, layers)` for the layers each rank can rank on its own, then
+        `(unit, layers)` per FSDP1 unit, whose parameters are gathered one unit at a time."""
+        groups: dict[int, tuple[Any, list[_Layer]]] = {}
+        for name, layer in self.layers.items():
+            unit = self._flat[name].unit if name in self._flat else None
+            groups.setdefault(id(unit), (unit, []))[1].append(layer)
+        return sorted(groups.values(), key=lambda group: group[0] is not None)
+
+    def _prune_layer(self, layer: _Layer, step: int) -> bool:
+        """Lowers one layer's keep-count to the schedule at `step`; True when it changed.
+
+        An FSDP1 layer is called inside `full_params` of its unit: its parameter has the full
+        shape, the new mask is multiplied into it there (written back to every shard), and
+        the layer keeps this rank's piece of it.
+        """
+        entry = layer.entry
+        s_t = sparsity_at(
+            self.schedule,
+            step,
+            self.start_step,
+            self._resolved_end,
+            layer.final,
+            self.initial_sparsity,
+        )
+        flat = self._flat.get(entry.name)
+        param = entry.param if flat is not None else local(entry.param)
+        matrix = as_matrix(entry.module, param)
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError(
+                f"BalancedPruningCallback: {entry.name!r} has NaN or inf weights at "
+                f"step {step}; masks ranked on them would be arbitrary (lower the learning "
+                f"rate or clip gradients)"
+            )
+        shape = matrix_shape(entry)  # the whole matrix's: same keep on every rank
+        keep = layer.units if s_t == 0.0 else self.pattern.keep(shape, s_t, entry.name)
+        keep = max(layer.keep_final, min(layer.keep, keep))
+        if keep == layer.keep:
+            return False
+        if layer.mask is None:
+            prev = None
+        elif flat is not None:
+            # only this rank's piece of the mask is kept; pruned weights are exact zeros
+            prev = matrix != 0
+        else:
+            prev = as_matrix(entry.module, layer.mask)
+        mask = self.pattern.mask(matrix, keep, prev)
+        new = matrix_to_param(entry.module, entry.param_name, mask, param.shape)
+        layer.keep = keep
+        if flat is not None:
+            with torch.no_grad():
+                param.mul_(new.to(param.dtype))
+            new = local_piece(new, flat)
+        # replicated weights: rank 0's mask everywhere; sharded: each rank its own part
+        self._install_mask(layer, new if self._sharded else self._broadcast(new))
+        return True
 
     def _calibration(self, trainer: Trainer) -> list:
         """The first `calibration_batches` batches of the train dataloader, on the device."""
@@ -674,8 +740,8 @@ class BalancedPruningCallback(Callback):
     def sparsity_report(self) -> dict[str, float]:
         """Effective sparsity per parameter (`"sparsity/<name>"`) and `"sparsity/overall"`."""
         report = {f"sparsity/{name}": layer.effective for name, layer in self.layers.items()}
-        total = sum(layer.entry.param.numel() for layer in self.layers.values())
-        pruned = sum(layer.effective * layer.entry.param.numel() for layer in self.layers.values())
+        total = sum(math.prod(layer.shape) for layer in self.layers.values())
+        pruned = sum(layer.effective * math.prod(layer.shape) for layer in self.layers.values())
         report["sparsity/overall"] = pruned / total if total else 0.0
         return report
 
@@ -693,7 +759,7 @@ class BalancedPruningCallback(Callback):
             "|---|---|---|---|---|---|",
         ]
         for name, layer in self.layers.items():
-            shape = "x".join(str(d) for d in layer.entry.param.shape)
+            shape = "x".join(str(d) for d in layer.shape)
             lines.append(
                 f"| {name} | {shape} | {self.pattern.name} | {layer.keep} | "
                 f"{layer.final:.4f} | {layer.effective:.4f} |"
