@@ -173,6 +173,40 @@ def test_measure_latency_times_models_in_turns():
     assert set(ms) == {"a", "b"} and all(v >= 0 for v in ms.values())
 
 
+def test_measure_latency_warm_runs_each_model_once_untimed_before_its_timed_pass():
+    import pytest
+    import torch
+
+    from bs_lightning.bench import timing
+
+    order, clock_reads = [], []
+
+    class Probe(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            order.append(self.name)
+            return x
+
+    def synchronize_marks_the_clock(device):
+        clock_reads.append(len(order))
+
+    models = {"a": Probe("a"), "b": Probe("b")}
+    real_sync, timing.sync = timing.sync, synchronize_marks_the_clock
+    try:
+        timing.measure_latency(models, torch.ones(1), torch.device("cpu"), 1, 2, cache="warm")
+    finally:
+        timing.sync = real_sync
+    # warmup round, then per turn: an untimed pass, then the timed one of the same model
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 2
+    # the clock brackets only the second pass of each turn
+    assert clock_reads == [3, 4, 5, 6, 7, 8, 9, 10]
+    with pytest.raises(ValueError, match=r"cache must be one of \('cold', 'warm'\), got 'hot'"):
+        timing.measure_latency(models, torch.ones(1), torch.device("cpu"), cache="hot")
+
+
 def test_interleaved_medians_in_fixed_order_with_synchronize():
     from bs_lightning.bench.timing import interleaved_medians
 

@@ -20,7 +20,11 @@ Sources:
 
 For each case (sparsity x batch x sequence length, eager and with `--compile` also
 `torch.compile`d), dense and converted run on the same random token ids and are timed in
-turns (`bench.timing.measure_latency`, median ms). Each row is written to `results.json` and
+turns (`bench.timing.measure_latency`, median ms). `--cache warm` (default) runs one untimed
+pass of the same model before each timed one: the steady state of a model serving requests
+back to back, where a converted model small enough for the last-level cache keeps its
+weights there; `--cache cold` times each pass right after the other model's, which has
+evicted them. Each row is written to `results.json` and
 `results.md` in `--out-dir` as soon as it is measured, with a progress line and an ETA;
 `speedup_vs_sparsity.png` is drawn at the end. The default `--out-dir` lies outside the
 repository (`~/bs-lightning-results/model-<name>-<date>`).
@@ -39,13 +43,17 @@ import torch
 from torch import nn
 
 from bs_lightning.bench.results import cpu_record, write_result
-from bs_lightning.bench.timing import measure_latency
+from bs_lightning.bench.timing import CACHE_STATES, measure_latency
 from bs_lightning.convert import conversion_report, convert_to_sparse, densify
 from bs_lightning.hf.loading import main_output
 from bs_lightning.sparsity import SparsityPlan
 
 PLOT_FILE = "speedup_vs_sparsity.png"
 DEFAULT_SPARSITIES = (0.5, 0.75, 0.9)
+_CACHE_TEXT = {
+    "warm": "an untimed pass of the same model before each timed one",
+    "cold": "each timed pass right after the other model's",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,6 +74,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--warmup", type=int, default=5, help="untimed passes per model and case")
     p.add_argument("--repeats", type=int, default=30, help="timed passes per model and case")
+    p.add_argument(
+        "--cache",
+        choices=CACHE_STATES,
+        default="warm",
+        help="warm: an untimed pass of the same model before each timed one; cold: each timed "
+        "pass right after the other model's",
+    )
     p.add_argument("--model-class", default=None, help="transformers class of an HF model")
     p.add_argument("--out-dir", type=Path, default=None, help="where the results go")
     return p.parse_args(argv)
@@ -172,7 +187,8 @@ def _markdown(record: dict) -> str:
         "",
         f"{record['machine']}, torch {record['torch']}, {record['threads']} threads, load "
         f"average at start {record['load_average']}; median of {record['repeats']} forward "
-        "passes, dense and converted timed in turns in one process.",
+        f"passes, dense and converted timed in turns in one process, caches {record['cache']} "
+        f"({_CACHE_TEXT[record['cache']]}).",
         "",
         "| mode | sparsity | batch | seq | layers converted | dense ms | converted ms | speedup |",
         "|---|---|---|---|---|---|---|---|",
@@ -220,7 +236,12 @@ def _plot(record: dict, path: Path) -> None:
 
 def _measure(dense, converted, x, args) -> dict:
     ms = measure_latency(
-        {"dense": dense, "converted": converted}, x, torch.device("cpu"), args.warmup, args.repeats
+        {"dense": dense, "converted": converted},
+        x,
+        torch.device("cpu"),
+        args.warmup,
+        args.repeats,
+        cache=args.cache,
     )
     return {
         "dense_ms": ms["dense"],
@@ -240,6 +261,7 @@ def main(argv=None) -> int:
     modes = ["eager", "compiled"] if args.compile else ["eager"]
     record |= {
         "repeats": args.repeats,
+        "cache": args.cache,
         "bank_size": args.bank_size,
         "rows": [],
     }

@@ -5,8 +5,9 @@
   contender may be a block of calls over rotating weight copies (`llc_bytes`), so that its
   weights come from memory, as in a model larger than the cache, and not from the cache.
 - Models: `measure_latency` times forward passes of several models on one input in turns
-  (any device, synchronised on CUDA), in milliseconds; `bs-train`'s evaluation, bs-convert-hf
-  and the checkpoint benchmark report it.
+  (any device, synchronised on CUDA), in milliseconds, each pass right after the other
+  model's ("cold") or after an untimed pass of its own ("warm"); `bs-train`'s evaluation,
+  bs-convert-hf, `bs-bench model` and the checkpoint benchmark report it.
 - CUDA: `cuda_event_us` brackets each call with CUDA events; `cuda_graph_us` captures N calls
   in one CUDA graph and times replays, so launch overhead is paid once per N calls (what a
   served model sees).
@@ -32,6 +33,8 @@ COPY_BUFFER_BYTES = 256 * 2**20  # larger than the weights of most benchmarked l
 # CPU clocks: wall time, or the calling thread's CPU time (needs one intra-op thread; immune
 # to the time slices other processes take on a shared machine)
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "thread-cpu": time.thread_time}
+# what a timed forward pass of `measure_latency` follows: the other model's pass, or its own
+CACHE_STATES = ("cold", "warm")
 
 
 def sync(device: torch.device) -> None:
@@ -50,6 +53,7 @@ def interleaved_medians(
     calls: dict[str, int] | None = None,
     rotate: bool = True,
     synchronize: Callable[[], None] | None = None,
+    lead_in: int = 0,
 ) -> dict[str, float]:
     """Median seconds per call of each function, timed in interleaved rounds.
 
@@ -70,6 +74,9 @@ def interleaved_medians(
             after the same one; False keeps the order of `fns` in every round.
         synchronize: called before the clock is read, at both ends of each sample (e.g. a
             CUDA synchronisation, so that the sample holds the device's work).
+        lead_in: untimed calls of a contender right before each of its samples, so that a
+            sample finds the caches as the contender's own previous call left them (its
+            steady state when run back to back) rather than as another contender left them.
 
     Returns:
         name -> median seconds.
@@ -86,6 +93,8 @@ def interleaved_medians(
         shift = rep % len(names) if rotate and names else 0
         for name in names[shift:] + names[:shift]:
             fn, n = fns[name], calls[name]
+            for _ in range(lead_in):
+                fn()
             if synchronize is not None:
                 synchronize()
             t0 = clock()
@@ -106,6 +115,7 @@ def measure_latency(
     device: torch.device,
     warmup: int = 5,
     repeats: int = 30,
+    cache: str = "cold",
 ) -> dict[str, float]:
     """Median wall time of one forward pass of each model on the same input.
 
@@ -118,10 +128,20 @@ def measure_latency(
         device: where to run.
         warmup: untimed passes per model first.
         repeats: timed passes per model.
+        cache: "cold": each timed pass runs right after the other model's pass, which has
+            evicted what it could of this model's weights; "warm": one untimed pass of the
+            same model comes first in each turn, so the timed pass finds the caches as a
+            model serving requests back to back does (a model whose weights fit in the
+            last-level cache keeps them there).
 
     Returns:
         name -> median milliseconds per forward pass.
+
+    Raises:
+        ValueError: for a `cache` other than "cold" or "warm".
     """
+    if cache not in CACHE_STATES:
+        raise ValueError(f"cache must be one of {CACHE_STATES}, got {cache!r}")
     x = x.to(device)
     for model in models.values():
         model.to(device).eval()
@@ -133,6 +153,7 @@ def measure_latency(
         budget_s=math.inf,
         rotate=False,
         synchronize=functools.partial(sync, device),
+        lead_in=int(cache == "warm"),
     )
     return {name: s * 1e3 for name, s in seconds.items()}
 
