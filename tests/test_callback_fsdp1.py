@@ -6,7 +6,7 @@ its own piece of the weights, gradients and optimizer state."""
 import pytest
 import torch
 import torch.distributed as dist
-from helpers.sharded_fit import check_exact_balanced_fit, check_resume, launch
+from helpers.sharded_fit import check_exact_balanced_fit, check_resume, launch, resumed_fit
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -14,32 +14,25 @@ from bs_lightning.callbacks.flat_sharding import flat_shards, local_piece
 
 
 @pytest.fixture(scope="module")
-def resumed_fit(tmp_path_factory):
+def resumed(tmp_path_factory):
     """One launch: a fit, and the same fit stopped at step 4 and resumed from Lightning's
     sharded checkpoint (`state_dict_type="sharded"`)."""
-    out = tmp_path_factory.mktemp("fsdp1")
-    done = launch(out, "fsdp1", "resume")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "step4.ckpt").is_dir()
-    return torch.load(out / "result.pt", weights_only=False)
+    return resumed_fit(tmp_path_factory.mktemp("fsdp1"), "fsdp1")
 
 
-def test_fsdp1_fit_reaches_exact_balanced_banks_across_mid_bank_shards(resumed_fit):
-    check_exact_balanced_fit(resumed_fit["straight"])
+def test_fsdp1_fit_reaches_exact_balanced_banks_across_mid_bank_shards(resumed):
+    check_exact_balanced_fit(resumed["straight"])
 
 
-def test_fsdp1_resume_from_the_sharded_checkpoint_equals_an_uninterrupted_fit(resumed_fit):
-    check_resume(resumed_fit)
+def test_fsdp1_resume_from_the_sharded_checkpoint_equals_an_uninterrupted_fit(resumed):
+    check_resume(resumed)
 
 
 @pytest.mark.slow  # the default suite's sharded tests stay near a minute
 def test_fsdp1_resume_from_a_full_checkpoint_keeps_masks_and_schedule(tmp_path):
-    done = launch(tmp_path, "fsdp1", "resume-full")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "step4.ckpt").is_file()
     # weights are not compared: FSDP1's full optimizer checkpoint on CPU/gloo comes back with
     # Adam's first moment equal to its second (torch 2.14), with or without this callback
-    check_resume(torch.load(tmp_path / "result.pt", weights_only=False), weights=False)
+    check_resume(resumed_fit(tmp_path, "fsdp1", full=True), weights=False)
 
 
 def test_fsdp1_prunes_patterns_that_rank_the_whole_matrix_exactly(tmp_path):

@@ -3,9 +3,8 @@ prunes its own rows: the gathered weights hold exact balanced banks, the logged 
 global, and patterns that rank a whole matrix are refused before any weight changes."""
 
 import pytest
-import torch
 import torch.distributed as dist
-from helpers.sharded_fit import check_exact_balanced_fit, check_resume, launch
+from helpers.sharded_fit import check_exact_balanced_fit, check_resume, launch, resumed_fit
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -14,31 +13,24 @@ from bs_lightning.sparsity import BalancedPattern, UnstructuredPattern, find_pru
 
 
 @pytest.fixture(scope="module")
-def resumed_fit(tmp_path_factory):
+def resumed(tmp_path_factory):
     """One launch: a fit, and the same fit stopped at step 4 and resumed from Lightning's
     distributed checkpoint."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    done = launch(out, "fsdp2", "resume")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "step4.ckpt").is_dir()  # Lightning's sharded checkpoint is a folder
-    return torch.load(out / "result.pt", weights_only=False)
+    return resumed_fit(tmp_path_factory.mktemp("fsdp2"), "fsdp2")
 
 
-def test_fsdp2_fit_reaches_exact_balanced_banks(resumed_fit):
+def test_fsdp2_fit_reaches_exact_balanced_banks(resumed):
     # the Conv1D's banked input dimension is sharded 24 + 24: whole banks of 8
-    check_exact_balanced_fit(resumed_fit["straight"])
+    check_exact_balanced_fit(resumed["straight"])
 
 
-def test_fsdp2_resume_from_the_distributed_checkpoint_equals_an_uninterrupted_fit(resumed_fit):
-    check_resume(resumed_fit)
+def test_fsdp2_resume_from_the_distributed_checkpoint_equals_an_uninterrupted_fit(resumed):
+    check_resume(resumed)
 
 
 @pytest.mark.slow  # the default suite's sharded tests stay near a minute
 def test_fsdp2_resume_from_a_full_checkpoint_equals_an_uninterrupted_fit(tmp_path):
-    done = launch(tmp_path, "fsdp2", "resume-full")
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert (tmp_path / "step4.ckpt").is_file()
-    check_resume(torch.load(tmp_path / "result.pt", weights_only=False))
+    check_resume(resumed_fit(tmp_path, "fsdp2", full=True))
 
 
 def test_fsdp2_refuses_a_pattern_that_ranks_the_whole_matrix(tmp_path):

@@ -208,5 +208,14 @@ def launch(out: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+def resumed_fit(out: Path, kind: str, full: bool = False) -> dict:
+    """Launches `kind` "resume" (`full`: "resume-full") into `out`; the result of both fits.
+    Lightning's sharded checkpoint is a folder, the full one a file."""
+    done = launch(out, kind, "resume-full" if full else "resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "step4.ckpt").is_file() == full and (out / "step4.ckpt").exists()
+    return torch.load(out / "result.pt", weights_only=False)
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:])
