@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from bs_lightning import _build
 
 __all__ = [
+    "CPU_DENSE_MIN_BATCH_ENV",
     "TILE_ROWS",
     "backend",
     "balanced_linear",
@@ -45,6 +46,8 @@ __all__ = [
 # every call of these functions; a sparse module reads it when it plans its tile-kernel call,
 # see nn/base.py).
 FORCE_REFERENCE_ENV = "BS_LIGHTNING_FORCE_REFERENCE"
+# rows from which the CPU tile op unpacks (overrides `dense_crossover`'s rule, read per call)
+CPU_DENSE_MIN_BATCH_ENV = "BS_LIGHTNING_CPU_DENSE_MIN_BATCH"
 MAX_BANK_SIZE = 256  # in-bank indices are uint8
 TILE_ROWS = 16  # rows per CPU tile: 16 fp32 lanes, one AVX-512 or two AVX2 registers
 MAX_TILED_BANK = 64  # the tile kernel holds a bank's slice of x in at most 4 registers
@@ -303,11 +306,12 @@ def cpu_tiles_supported(bank_size: int) -> bool:
     return bank_size <= MAX_TILED_BANK and _cpu_isa() != "portable"
 
 
-@functools.cache
 def dense_crossover(k: int, bank_size: int) -> int:
     """Input rows from which a dense GEMM beats the tile kernel (CPU), by `k / bank_size`.
 
-    The rule is measured and lives in the C++ op (`tiled_dense_crossover`); needs `load()`.
+    The rule is measured and lives in the C++ op (`tiled_dense_crossover`): it depends on the
+    CPU (an AVX-512 AMD never unpacks); the variable `CPU_DENSE_MIN_BATCH_ENV` overrides
+    it (read on every call: the modules keep the values they use). Needs `load()`.
     """
     return int(torch.ops.bs_lightning.tiled_dense_crossover(k, bank_size))
 

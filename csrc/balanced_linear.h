@@ -152,6 +152,11 @@ inline int64_t cuda_dense_crossover(int64_t k, int64_t bank_size, int64_t elem_b
   return std::clamp<int64_t>(static_cast<int64_t>(std::ceil(n)), 2, 4096);
 }
 
+// Smallest number of input rows from which the CPU tile op unpacks to a dense matrix and
+// calls the GEMM (rule in csrc/cpu/balanced_linear_tiled_cpu.cpp);
+// BS_LIGHTNING_CPU_DENSE_MIN_BATCH=<N> overrides it (e.g. to time the kernel past it).
+constexpr const char* kCpuDenseMinBatchEnv = "BS_LIGHTNING_CPU_DENSE_MIN_BATCH";
+
 namespace cpu {
 // csrc/cpu/balanced_linear_tiled_cpu.cpp
 std::string cpu_isa();

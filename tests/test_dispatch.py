@@ -8,6 +8,7 @@ from torch import nn
 
 from bs_lightning import ops
 from bs_lightning.nn import BalancedSparseLinear, base
+from bs_lightning.ops import CPU_DENSE_MIN_BATCH_ENV
 
 pytestmark = pytest.mark.skipif(
     not (ops.load() and ops.cpu_tiles_supported(32)), reason="needs the tile kernel"
@@ -92,6 +93,8 @@ def test_one_row_is_measured_too(monkeypatch):
 
 
 def test_the_switch_uses_the_rule(monkeypatch):
+    # the rule's crossover depends on the CPU (never on an AVX-512 AMD): pin it
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "128")
     sparse = _layer(sparsity=0.5)
     clock = FakeClock(monkeypatch, "tiles")
     sparse.measured_dispatch = False

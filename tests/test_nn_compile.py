@@ -6,6 +6,7 @@ from torch import nn
 
 from bs_lightning import convert_to_sparse, ops
 from bs_lightning.nn import BalancedSparseLinear
+from bs_lightning.ops import CPU_DENSE_MIN_BATCH_ENV
 from bs_lightning.sparsity import BalancedPattern, find_prunable, prune_once_
 
 pytestmark = pytest.mark.skipif(
@@ -98,7 +99,9 @@ def test_tile_copy_follows_load_state_dict_and_refresh():
     torch.testing.assert_close(doubled, 2.0 * (model[0](x) - model[0].bias), rtol=1e-6, atol=1e-6)
 
 
-def test_compiled_graph_uses_the_dense_copy_from_the_crossover_on():
+def test_compiled_graph_uses_the_dense_copy_from_the_crossover_on(monkeypatch):
+    # the rule's crossover depends on the CPU (never on an AVX-512 AMD): pin it
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "128")
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64)).eval()
     plan = prune_once_(find_prunable(model), BalancedPattern(32), 0.5)

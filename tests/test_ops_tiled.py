@@ -14,6 +14,7 @@ from helpers.kernels import assert_close_to_dense, fresh_seed, make_case, make_l
 
 from bs_lightning import ops
 from bs_lightning.nn import BalancedSparseLinear
+from bs_lightning.ops import CPU_DENSE_MIN_BATCH_ENV
 
 op = torch.ops.bs_lightning.balanced_linear_tiled if ops.load() else None
 
@@ -50,12 +51,38 @@ def test_hand_case_short_last_bank():
     assert torch.equal(op(x.expand(5, 10), tv, ti, 4, 10, 1, None), expected.expand(5, 1))
 
 
-# 1..8 run one pass per tile, 9+ several, 128+ at 50% the dense GEMM path
+# 1..8 run one pass per tile, 9+ several (past the rule's crossover the op unpacks: below)
 BATCHES = [1, 2, 5, 8, 9, 16, 23, 64, 130, 300]
+
+
+@pytest.mark.parametrize("batch", [1, 130])
+def test_the_unpack_path_matches_masked_dense(batch, monkeypatch):
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "1")  # every batch unpacks + GEMM
+    check_random_cases(batch)
+
+
+def test_the_crossover_rule_and_its_override(monkeypatch):
+    never = 1 << 62
+    rule = ops.dense_crossover(16, 32)  # half kept
+    assert rule in (128, never)
+    assert ops.dense_crossover(3, 32) == never  # 90.6%: the kernel wins at every batch
+    assert ops.dense_crossover(12, 32) in (512, never) and ops.dense_crossover(12, 32) >= rule
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "7")
+    assert ops.dense_crossover(3, 32) == 7
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "zero")
+    with pytest.raises(
+        ValueError, match="BS_LIGHTNING_CPU_DENSE_MIN_BATCH must be an integer >= 1"
+    ):
+        ops.dense_crossover(3, 32)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 def test_random_cases_match_masked_dense(batch):
+    check_random_cases(batch)
+
+
+def check_random_cases(batch: int) -> None:
+    """Four random layers (bank, shape, sparsity, bias) at `batch` rows against dense."""
     seed = fresh_seed()
     for _ in range(4):
         bank_size = random.choice([1, 4, 5, 8, 16, 17, 32, 33, 48, 64])
@@ -184,7 +211,9 @@ def test_module_uses_tiles_and_rebuilds_them_when_weights_change():
 
 
 @torch.no_grad()  # inference: products that record autograd pack their tiles in the graph
-def test_module_dense_fallback_at_large_batch_and_low_sparsity():
+def test_module_dense_fallback_at_large_batch_and_low_sparsity(monkeypatch):
+    # the rule's crossover depends on the CPU (never on an AVX-512 AMD): pin it
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "128")
     _, sparse = _layer(sparsity=0.5)
     big = torch.randn(ops.dense_crossover(16, 32), 96)
     expected = sparse.to_dense()(big)
@@ -209,7 +238,9 @@ def test_module_caches_are_dropped_on_to_and_not_saved():
 
 
 @torch.no_grad()
-def test_module_planned_calls_notice_every_weight_change():
+def test_module_planned_calls_notice_every_weight_change(monkeypatch):
+    # the rule's crossover depends on the CPU (never on an AVX-512 AMD): pin it
+    monkeypatch.setenv(CPU_DENSE_MIN_BATCH_ENV, "128")
     _, sparse = _layer()
     x = torch.randn(1, 96)
     torch.testing.assert_close(sparse(x), sparse.to_dense()(x))

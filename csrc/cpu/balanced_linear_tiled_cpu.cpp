@@ -13,7 +13,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 
 #include "balanced_linear.h"
 #include "cpu/tiled_driver.h"
@@ -83,15 +89,51 @@ void run_dense(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
 
 }  // namespace
 
+namespace {
+
+// True on an AMD CPU (CPUID vendor "AuthenticAMD"): the crossover below depends on it.
+bool amd_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amd = [] {
+    unsigned int eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid(0, &eax, &ebx, &ecx, &edx)) return false;
+    char vendor[13] = {};
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    return std::strcmp(vendor, "AuthenticAMD") == 0;
+  }();
+  return amd;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
 // Smallest M at which unpack + GEMM beats the permute kernel, by kept fraction d = k / B.
-// Measured with `python -m bs_lightning.bench kernels` on the 2-core AVX-512 Xeon
-// (benchmarks/results/cpu-2core-*): the permute kernel's cost grows with d * M (one permute
-// and one FMA per 16 products), the GEMM's with M alone (two FMAs per cycle, no permutes).
+// Measured with `python -m bs_lightning.bench kernels` and benchmarks/results/
+// cpu-2core-2026-12-04-tiled-crossover.md: the permute kernel's cost grows with d * M (one
+// permute and one FMA per 16 products), the GEMM's with M alone. On the AVX-512 Xeon MKL's
+// GEMM wins from 128 rows at d > 0.45 and from 512 at d > 0.3; on an AVX-512 AMD EPYC
+// (Zen 4), where MKL runs slower, the kernel won at every d <= 0.75 and M <= 1024 measured
+// (1.46x dense and up), so the rule never unpacks there; the AVX2 build on that EPYC is
+// near parity at d = 0.5 and keeps the Xeon's rule. The modules measure the dense copy
+// against this op per size class on top of it (nn/base.py).
 int64_t tiled_dense_crossover(int64_t k, int64_t bank_size) {
+  if (const char* env = std::getenv(kCpuDenseMinBatchEnv)) {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, kCpuDenseMinBatchEnv,
+                      " must be an integer >= 1, got '", env, "'");
+    return v;
+  }
+  constexpr int64_t kNever = int64_t{1} << 62;
+  if (std::strcmp(kLanesIsa, "avx512") == 0 && amd_cpu()) return kNever;
   const double d = static_cast<double>(k) / static_cast<double>(bank_size);
   if (d > 0.45) return 128;
   if (d > 0.3) return 512;
-  return int64_t{1} << 62;  // sparse wins at every batch measured
+  return kNever;  // sparse wins at every batch measured
 }
 
 at::Tensor balanced_linear_tiled_cpu(const at::Tensor& x, const at::Tensor& values,
