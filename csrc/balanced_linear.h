@@ -135,14 +135,19 @@ inline at::Tensor unpack_balanced_dense(const at::Tensor& values, const at::Tens
 // call) and the op agree, also in a build without CUDA.
 constexpr const char* kCudaDenseMinBatchEnv = "BS_LIGHTNING_CUDA_DENSE_MIN_BATCH";
 
+// The value of the environment variable `name` (rows >= 1), or -1 when it is not set.
+inline int64_t min_batch_from_env(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return -1;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, name, " must be an integer >= 1, got '",
+                    env, "'");
+  return v;
+}
+
 inline int64_t cuda_dense_crossover(int64_t k, int64_t bank_size, int64_t elem_bytes) {
-  if (const char* env = std::getenv(kCudaDenseMinBatchEnv)) {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, kCudaDenseMinBatchEnv,
-                      " must be an integer >= 1, got '", env, "'");
-    return v;
-  }
+  if (const int64_t v = min_batch_from_env(kCudaDenseMinBatchEnv); v > 0) return v;
   TORCH_CHECK_VALUE(k >= 1 && bank_size >= k && elem_bytes >= 1,
                     "cuda_dense_crossover: need 1 <= k <= bank_size and elem_bytes >= 1, got k=",
                     k, ", bank_size=", bank_size, ", elem_bytes=", elem_bytes);

@@ -13,7 +13,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -121,13 +120,7 @@ bool amd_cpu() {
 // near parity at d = 0.5 and keeps the Xeon's rule. The modules measure the dense copy
 // against this op per size class on top of it (nn/base.py).
 int64_t tiled_dense_crossover(int64_t k, int64_t bank_size) {
-  if (const char* env = std::getenv(kCpuDenseMinBatchEnv)) {
-    char* end = nullptr;
-    const long long v = std::strtoll(env, &end, 10);
-    TORCH_CHECK_VALUE(end != env && *end == '\0' && v >= 1, kCpuDenseMinBatchEnv,
-                      " must be an integer >= 1, got '", env, "'");
-    return v;
-  }
+  if (const int64_t v = min_batch_from_env(kCpuDenseMinBatchEnv); v > 0) return v;
   constexpr int64_t kNever = int64_t{1} << 62;
   if (std::strcmp(kLanesIsa, "avx512") == 0 && amd_cpu()) return kNever;
   const double d = static_cast<double>(k) / static_cast<double>(bank_size);
