@@ -40,7 +40,7 @@ def measure(k: int, out: int, inn: int, batches, budget_s: float) -> list[dict]:
     dense = nn.Linear(inn, out).eval()
     sparse = BalancedSparseLinear.from_dense(dense, 32, 1 - k / 32).eval()
     dense = sparse.to_dense().eval()
-    tile_values, tile_indices = sparse._tiles(("", None), sparse.values, sparse.indices)
+    tile_values, tile_indices = ops.pack_tiles(sparse.values.detach(), sparse.indices)
     rows = []
     for batch in batches:
         x = torch.randn(batch, inn)

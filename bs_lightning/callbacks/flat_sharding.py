@@ -11,9 +11,9 @@ one unit (`FSDP.summon_full_params(unit, recurse=False, writeback=True)`: the pa
 take their full shapes), masks its weights in place (written back to every shard), and
 keeps only `full_mask.flatten()[start:stop]` for the per-step multiplies of the local
 weights, gradients and optimizer state, which all have that 1-D shape (or the full one when
-the unit is not sharded). Every pattern works,
-and memory is bounded by the largest unit. Without `use_orig_params` the module parameters
-are replaced by the flat one, so nothing can be masked per parameter: refused.
+the unit is not sharded). Every pattern works, and memory is bounded by the largest unit.
+Without `use_orig_params` the module parameters are replaced by the flat one, so nothing can
+be masked per parameter: refused.
 """
 
 from __future__ import annotations

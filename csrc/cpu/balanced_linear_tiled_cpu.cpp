@@ -86,10 +86,6 @@ void run_dense(const at::Tensor& x2, const at::Tensor& values, const at::Tensor&
   }
 }
 
-}  // namespace
-
-namespace {
-
 // True on an AMD CPU (CPUID vendor "AuthenticAMD"): the crossover below depends on it.
 bool amd_cpu() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -111,13 +107,14 @@ bool amd_cpu() {
 }  // namespace
 
 // Smallest M at which unpack + GEMM beats the permute kernel, by kept fraction d = k / B.
-// Measured with `python -m bs_lightning.bench kernels` and benchmarks/results/
-// cpu-2core-2026-12-04-tiled-crossover.md: the permute kernel's cost grows with d * M (one
-// permute and one FMA per 16 products), the GEMM's with M alone. On the AVX-512 Xeon MKL's
-// GEMM wins from 128 rows at d > 0.45 and from 512 at d > 0.3; on an AVX-512 AMD EPYC
-// (Zen 4), where MKL runs slower, the kernel won at every d <= 0.75 and M <= 1024 measured
-// (1.46x dense and up), so the rule never unpacks there; the AVX2 build on that EPYC is
-// near parity at d = 0.5 and keeps the Xeon's rule. The modules measure the dense copy
+// Measured with benchmarks/tiled_crossover.py (benchmarks/results/
+// cpu-2core-2026-12-04-tiled-crossover-{avx512,avx2}.md; the Xeon's with `python -m
+// bs_lightning.bench kernels`): the permute kernel's cost grows with d * M (one permute and
+// one FMA per 16 products), the GEMM's with M alone. On the AVX-512 Xeon MKL's GEMM wins
+// from 128 rows at d > 0.45 and from 512 at d > 0.3; on an AVX-512 AMD EPYC (Zen 4), where
+// MKL runs slower, the kernel won at every d <= 0.75 and M <= 1024 measured (1.40x dense
+// and up), so the rule never unpacks there; the AVX2 build on that EPYC is near parity at
+// d = 0.5 and keeps the Xeon's rule. The modules measure the dense copy
 // against this op per size class on top of it (nn/base.py).
 int64_t tiled_dense_crossover(int64_t k, int64_t bank_size) {
   if (const int64_t v = min_batch_from_env(kCpuDenseMinBatchEnv); v > 0) return v;
